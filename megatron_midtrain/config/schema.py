@@ -1,0 +1,269 @@
+"""Structured configuration: one dataclass per component, registered in Hydra's ConfigStore.
+
+Every field has a docstring (the string literal under it). Hydra validates YAML
+files and command-line overrides against these classes, so an unknown key or a
+wrong type fails before any work starts. Cross-field checks live in
+``__post_init__`` (single component) or :func:`validate` (across components /
+the world size, which is known only at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from megatron_midtrain.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None
+    """Run directory (config.yaml, metrics.jsonl, checkpoints, plots). Re-using a
+    directory resumes it. Default: ``runs/<name>-<UTC timestamp>``, chosen by rank 0
+    and broadcast, so every rank agrees."""
+    name: str = "midtrain"
+    """Short run name, used in the default run directory."""
+    seed: int = 1234
+    """Global seed: model init, data order and dropout all derive from it."""
+    cache_dir: Optional[str] = None
+    """Cache for the embedded demo assets (corpus, tokenizer, indexed data).
+    Default: ``$MIDTRAIN_CACHE`` or ``~/.cache/megatron_midtrain``."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under ``<run.dir>/tensorboard``."""
+    plot: bool = True
+    """Write ``<run.dir>/metrics.png`` (loss and method statistics) at each save and at the end."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "demo-llama-tiny"
+    """Preset name (informational; recorded in checkpoints)."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Model width."""
+    ffn_hidden_size: int = 352
+    """SwiGLU inner width (per gate/up projection)."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = 2
+    """Key/value heads (GQA). None = same as num_attention_heads (MHA)."""
+    head_dim: Optional[int] = None
+    """Per-head width (``kv_channels``). None = hidden_size / num_attention_heads."""
+    vocab_size: int = 2048
+    """Model vocabulary (embedding rows before TP padding). Must be >= the tokenizer's."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding table to a multiple of this times TP (Megatron convention)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence RoPE is prepared for."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama-3.1 style RoPE scaling factor (None = no scaling)."""
+    no_rope_layers: Optional[List[int]] = None
+    """Per-layer NoPE flags, 1 = skip RoPE in that layer (SmolLM3). None = RoPE everywhere."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    qkv_bias: bool = False
+    """Bias on the Q/K/V projections (Qwen2/2.5)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys (Qwen3)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    init_std: float = 0.02
+    """Std of the normal initialisation of weights."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention / MLP (0 for mid-training; keeps runs parallelism-invariant)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    def __post_init__(self):
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise UserError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={groups}",
+                "choose num_query_groups that divides num_attention_heads",
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads",
+                "set model.head_dim explicitly",
+            )
+        if self.no_rope_layers is not None and len(self.no_rope_layers) != self.num_layers:
+            raise UserError(
+                f"model.no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_layers} layers",
+                "give one 0/1 flag per layer",
+            )
+
+
+@dataclass
+class DataConfig:
+    paths: List[str] = field(default_factory=list)
+    """Indexed dataset prefixes (``PREFIX.bin``/``PREFIX.idx``). Empty = the embedded demo corpus."""
+    weights: Optional[List[float]] = None
+    """Blend weights, one per path (normalised by megatron-core). None = weight by dataset size."""
+    tokenizer: Optional[str] = None
+    """SentencePiece ``.model`` or HF ``tokenizer.json`` / folder. Empty = the demo tokenizer."""
+    seq_length: int = 128
+    """Tokens per training sample."""
+    split: str = "98,2,0"
+    """Train/validation/test split of each dataset, in documents (megatron-core syntax)."""
+    reset_position_ids: bool = False
+    """Restart position ids after each EOD (document-level packing)."""
+    reset_attention_mask: bool = False
+    """Block attention across EOD boundaries (document masking)."""
+    eod_mask_loss: bool = False
+    """Exclude the EOD token from the loss."""
+    demo_math_weight: float = 0.5
+    """Embedded demo only: share of step-by-step arithmetic documents in the blend."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    cp: int = 1
+    """Context-parallel size (GPU / Transformer Engine only)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (GPU)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo), nccl or gloo."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise UserError(f"parallel.{name}={getattr(self, name)} must be >= 1", f"set parallel.{name}=1 or more")
+        if self.sequence_parallel and self.tp == 1:
+            raise UserError("parallel.sequence_parallel=true needs parallel.tp > 1", "set parallel.tp>=2 or disable it")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps. Re-running a run.dir with a larger value resumes and continues."""
+    global_batch_tokens: int = 4096
+    """Tokens per optimizer step (global batch); must be a multiple of data.seq_length * micro_batch_size * DP."""
+    micro_batch_size: int = 4
+    """Samples per micro-batch on each data-parallel rank."""
+    save_interval: int = 100
+    """Save a checkpoint every N steps (and always at the end). 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Keep this many most recent complete checkpoints (0 = keep all)."""
+    eval_interval: int = 50
+    """Validation loss every N steps (and at the end). 0 = never."""
+    eval_batches: int = 4
+    """Global batches per validation."""
+    log_interval: int = 10
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    max_consecutive_nonfinite: int = 3
+    """A NaN/inf loss skips the step; this many in a row stops the run."""
+    exit_at_step: Optional[int] = None
+    """Stop cleanly after this step (checkpoint written) without changing the LR schedule,
+    e.g. to split a run across SLURM allocations. SIGTERM/SIGUSR1 do the same at the next step."""
+    inject_nonfinite_at: List[int] = field(default_factory=list)
+    """Fault injection for tests: make the loss NaN at these steps."""
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise UserError(f"train.max_steps={self.max_steps} must be >= 1", "set train.max_steps to a positive number")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"train.precision={self.precision!r} is not one of auto, bf16, fp32", "pick one of those")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate of the decay (ReMiT uses 1e-7)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """cosine (decay to optimizer.min_lr), wsd (constant stable stage, then decay) or constant."""
+    warmup_steps: int = 10
+    """Linear warmup steps (0 = none)."""
+    wsd_decay_fraction: float = 0.2
+    """wsd only: fraction of the steps spent in the final decay stage."""
+    wsd_decay_style: str = "cosine"
+    """wsd only: shape of the decay stage: cosine, linear, exponential or minus_sqrt."""
+
+    def __post_init__(self):
+        if self.name not in ("cosine", "wsd", "constant", "linear"):
+            raise UserError(f"schedule.name={self.name!r} is unknown", "use cosine, wsd, linear or constant")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise UserError("schedule.wsd_decay_fraction must be in (0, 1]", "e.g. schedule.wsd_decay_fraction=0.2")
+
+
+@dataclass
+class ReferenceConfig:
+    checkpoint: Optional[str] = None
+    """Frozen reference model checkpoint (ReMiT / RHO-1 / KD). Used by the reference-based methods."""
+    mode: str = "colocated"
+    """colocated (run the reference in the same processes) or offline (read pre-scored log-probs)."""
+    scores: Optional[str] = None
+    """Offline mode: the score store written by tools/score_reference.py."""
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method; ``name`` selects the loss implementation."""
+
+    name: str = MISSING
+    """Registered method name."""
+
+
+@dataclass
+class NTPMethodConfig(MethodConfig):
+    name: str = "ntp"
+    """Vanilla next-token prediction: sum(mask * -logp) / sum(mask) over the global batch."""
+
+
+@dataclass
+class MidtrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory, seed, outputs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets, tokenizer and sequence length."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/CP/DP layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop length, batch size, checkpoints, evaluation."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW hyper-parameters."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Frozen reference model (reference-based methods)."""
+    method: Any = MISSING
+    """The training objective; chosen with ``method=<name>``."""
+
+
+def register_configs() -> None:
+    """Register the schema and the method group in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="midtrain_schema", node=MidtrainConfig)
+    cs.store(group="method", name="ntp", node=NTPMethodConfig)

@@ -1,0 +1,55 @@
+"""The method interface used on the last pipeline stage.
+
+A method turns ``(logits shard, labels, loss mask, extras)`` into
+``(loss_sum, num_tokens, report)``:
+
+* ``loss_sum``: a scalar to back-propagate, a *sum* over this micro-batch's tokens;
+  megatron's schedule adds up the micro-batches and ``finalize_model_grads``
+  divides the gradients by the global token count (``calculate_per_token_loss``),
+  so the optimised quantity is sum / tokens over the whole global batch.
+* ``num_tokens``: int tensor, tokens that count in the denominator.
+* ``report``: ``{name: tensor([sum, count])}``; the trainer sums these over
+  micro-batches and data-parallel ranks and logs ``sum / count`` as ``name``.
+
+The maths lives in pure functions (``ntp.py`` ...) on plain tensors; the classes
+here only adapt them to this interface.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Protocol
+
+import torch
+
+
+class Method(Protocol):
+    name: str
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, extras: dict, tp_group) -> tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        ...
+
+
+_REGISTRY: Dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def build_method(method_cfg) -> Method:
+    from megatron_midtrain.errors import UserError
+
+    name = method_cfg.name
+    if name not in _REGISTRY:
+        raise UserError(f"method={name!r} is not implemented", f"choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](method_cfg)
+
+
+def report_entry(total: torch.Tensor, count) -> torch.Tensor:
+    """A report value: [sum, count] in fp64 so sums over many micro-batches stay exact enough."""
+    return torch.stack([total.detach().double().reshape(()), torch.as_tensor(count, dtype=torch.float64, device=total.device).reshape(())])

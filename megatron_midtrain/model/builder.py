@@ -1,0 +1,116 @@
+"""Build megatron-core ``GPTModel`` stages from a :class:`ModelConfig`.
+
+One builder covers the Llama-3 / Qwen2 / Qwen3 / SmolLM3 family: RMSNorm,
+SwiGLU, RoPE (optionally scaled, optionally skipped per layer = NoPE), GQA,
+tied or untied embeddings, QKV bias and per-head QK-norm are all flags of
+megatron-core's ``TransformerConfig``. On GPUs with Transformer Engine the TE
+layer spec is used (fused kernels, bf16); otherwise megatron's local spec with
+an SDPA core attention (fp32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_midtrain.config.schema import ModelConfig, ParallelConfig
+from megatron_midtrain.model.sdpa_attention import SDPAttention
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install
+        return False
+    return torch.cuda.is_available()
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Megatron convention: pad the vocabulary to a multiple of ``divisible_by * tp``."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return ((model.vocab_size + multiple - 1) // multiple) * multiple
+
+
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    no_rope = list(model.no_rope_layers) if model.no_rope_layers else None
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        kv_channels=model.head_dim or model.hidden_size // model.num_attention_heads,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_std,
+        no_rope_freq=no_rope,
+        # Weights are filled by model.init.init_parameters (parallelism-invariant), so
+        # megatron's own (TP-rank dependent RNG) initialisation is skipped.
+        perform_initialization=False,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Loss = sum over tokens / tokens in the *global* batch (SPEC "over the global batch").
+        calculate_per_token_loss=True,
+        # Fusions need CUDA kernels.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_comm=False,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+
+
+def build_layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_gpt_stage(
+    model: ModelConfig,
+    transformer_config: TransformerConfig,
+    seq_length: int,
+    use_te: bool,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """The GPTModel piece owned by this pipeline rank (embedding on the first, head on the last)."""
+    tp = transformer_config.tensor_model_parallel_size
+    return GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=build_layer_spec(model, use_te),
+        vocab_size=padded_vocab_size(model, tp),
+        max_sequence_length=max(seq_length, model.max_position_embeddings),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,85 @@
+"""Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+Used with megatron-core's *local* layer spec (CPU, or GPUs without Transformer
+Engine). megatron's stock ``DotProductAttention`` materialises the score matrix
+in a global buffer allocated with ``torch.cuda.current_device()``; SDPA needs no
+buffer, never materialises [b, h, s, s] on backends with a fused kernel, and is
+numerically the same softmax(QK^T/sqrt(d))V.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in ``core_attention`` for ``SelfAttentionSubmodules`` (same constructor and call)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallelism; use the TE layer spec")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        self.attn_mask_type = attn_mask_type
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        self.groups_per_partition = divide(config.num_query_groups, tp)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
+        # megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_mask is None:
+            attn_mask, is_causal = None, mask_type == AttnMaskType.causal
+        else:
+            # megatron masks are True where attention is *forbidden*; SDPA wants True where allowed.
+            attn_mask, is_causal = ~attention_mask, False
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.softmax_scale,
+            enable_gqa=self.heads_per_partition != self.groups_per_partition,
+        )
+        # [b, heads, s, d] -> [s, b, heads * d]
+        s, b = context.shape[2], context.shape[0]
+        return context.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)

@@ -1,0 +1,1 @@
+"""Helpers for the test-suite (multi-process launch, tiny configs)."""

@@ -1,0 +1,112 @@
+"""Process-group set-up and the parallel layout checks that must pass before any work."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_midtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    rank: int
+    local_rank: int
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(cfg, world: int) -> int:
+    """Validate TP/PP/CP against the world size and the model; return the DP size.
+
+    Runs before ``init_process_group`` so a bad layout fails fast on every rank with
+    the same one-line message.
+    """
+    p, m = cfg.parallel, cfg.model
+    model_parallel = p.tp * p.pp * p.cp
+    if world % model_parallel:
+        raise UserError(
+            f"parallel.tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel} does not divide the world size {world}",
+            f"launch a multiple of {model_parallel} processes or change parallel.tp/pp",
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % p.tp or groups % p.tp:
+        raise UserError(
+            f"parallel.tp={p.tp} does not divide the attention heads ({m.num_attention_heads}) "
+            f"and KV groups ({groups})",
+            "choose parallel.tp that divides both",
+        )
+    if m.ffn_hidden_size % p.tp:
+        raise UserError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}", "change parallel.tp")
+    if m.num_layers % p.pp:
+        raise UserError(
+            f"parallel.pp={p.pp} does not divide model.num_layers={m.num_layers}",
+            "choose parallel.pp that divides the number of layers",
+        )
+    if p.cp > 1 and not torch.cuda.is_available():
+        raise UserError("parallel.cp > 1 needs GPUs with Transformer Engine", "use parallel.cp=1 on the CPU")
+    return world // model_parallel
+
+
+def init_distributed(cfg) -> Layout:
+    """Initialise torch.distributed (torchrun/SLURM env, or a single process) and megatron's groups."""
+    from megatron_midtrain.utils import cpu_compat
+    from megatron_midtrain.utils.slurm_env import torchrun_env_from_slurm
+
+    os.environ.update(torchrun_env_from_slurm(os.environ))
+    world = world_size_from_env()
+    dp = check_layout(cfg, world)
+    cpu_compat.activate()
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_midtrain.train`
+            from megatron_midtrain.testing.distributed import free_port
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if not torch.cuda.is_available():
+        # Ranks share the CPU cores; one intra-op thread per rank avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tp,
+            pipeline_model_parallel_size=cfg.parallel.pp,
+            context_parallel_size=cfg.parallel.cp,
+        )
+    return Layout(world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=dp, rank=dist.get_rank(), local_rank=local_rank)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable object from ``src`` to every rank (identity when not distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,363 @@
+"""The mid-training loop on megatron-core: build, (resume), train, evaluate, save, close."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import OmegaConf
+
+from megatron_midtrain.errors import UserError
+from megatron_midtrain.losses import build_method
+from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
+from megatron_midtrain.model.init import init_parameters
+from megatron_midtrain.training import checkpoint as ckpt
+from megatron_midtrain.training.data import StepBatches, build_data
+from megatron_midtrain.training.distributed import broadcast_object, init_distributed, shutdown
+from megatron_midtrain.training.metrics import MetricsWriter, Progress, plot_metrics
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg):
+        """``cfg``: an OmegaConf node validated against MidtrainConfig (or the dataclass itself)."""
+        self.cfg = cfg
+        self.layout = init_distributed(cfg)
+        self.rank0 = self.layout.rank == 0
+        self.run_dir = self._resolve_run_dir()
+        self._seed_everything(cfg.run.seed)
+        self.dtype = self._param_dtype()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+        seq = cfg.data.seq_length
+        if cfg.train.global_batch_tokens % seq:
+            raise UserError(
+                f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of data.seq_length={seq}",
+                "make the global batch a whole number of sequences",
+            )
+        self.global_batch_size = cfg.train.global_batch_tokens // seq
+        per_step = cfg.train.micro_batch_size * self.layout.dp
+        if self.global_batch_size % per_step:
+            raise UserError(
+                f"global batch of {self.global_batch_size} sequences is not divisible by micro_batch_size*DP = "
+                f"{cfg.train.micro_batch_size}*{self.layout.dp}",
+                "adjust train.global_batch_tokens or train.micro_batch_size",
+            )
+
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.method = build_method(cfg.method)
+        self.data = build_data(cfg, self.global_batch_size, self.layout.dp)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.train_batches = StepBatches(self.data.train, self.global_batch_size, cfg.train.micro_batch_size, dp_rank, self.layout.dp)
+        self.valid_batches = (
+            StepBatches(self.data.valid, self.global_batch_size, cfg.train.micro_batch_size, dp_rank, self.layout.dp)
+            if self.data.valid is not None else None
+        )
+        self.step = self._maybe_resume()
+        self.metrics = MetricsWriter(self.run_dir, self.step, cfg.run.tensorboard) if self.rank0 else None
+        self._stop_requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+
+    # ------------------------------------------------------------------ set-up
+    def _resolve_run_dir(self) -> str:
+        run_dir = self.cfg.run.dir
+        if not run_dir and self.rank0:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            run_dir = os.path.join("runs", f"{self.cfg.run.name}-{stamp}")
+        # Every rank must use rank 0's choice (timestamps differ between processes).
+        run_dir = os.path.abspath(broadcast_object(run_dir))
+        self.cfg.run.dir = run_dir
+        if self.rank0:
+            os.makedirs(run_dir, exist_ok=True)
+            text = OmegaConf.to_yaml(self.cfg) if OmegaConf.is_config(self.cfg) else OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+            tmp = os.path.join(run_dir, "config.yaml.tmp")
+            with open(tmp, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, os.path.join(run_dir, "config.yaml"))
+        if dist.is_initialized():
+            dist.barrier()
+        return run_dir
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def _param_dtype(self) -> torch.dtype:
+        precision = self.cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        if precision == "bf16" and not torch.cuda.is_available():
+            raise UserError("train.precision=bf16 needs a GPU", "use train.precision=fp32 (or auto) on the CPU")
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def _build_model(self):
+        cfg = self.cfg
+        self.transformer_config = build_transformer_config(cfg.model, cfg.parallel, self.dtype)
+        use_te = have_transformer_engine()
+        stage = build_gpt_stage(cfg.model, self.transformer_config, cfg.data.seq_length, use_te)
+        if torch.cuda.is_available():
+            stage.cuda(torch.cuda.current_device())
+        init_parameters([stage], cfg.run.seed, cfg.model.init_std, cfg.model.num_layers)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        model = DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=stage)
+        self.transformer_config.no_sync_func = model.no_sync
+        self.transformer_config.finalize_model_grads_func = finalize_model_grads
+        n_params = sum(p.numel() for p in stage.parameters())
+        log0(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters on rank 0's stage, "
+             f"{'TE' if use_te else 'local'} spec, {self.dtype}, layout TP{self.layout.tp} PP{self.layout.pp} DP{self.layout.dp}")
+        return model
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        opt_cfg = McoreOptimizerConfig(
+            optimizer="adam",
+            lr=cfg.optimizer.lr,
+            min_lr=cfg.optimizer.min_lr,
+            weight_decay=cfg.optimizer.weight_decay,
+            adam_beta1=cfg.optimizer.adam_beta1,
+            adam_beta2=cfg.optimizer.adam_beta2,
+            adam_eps=cfg.optimizer.adam_eps,
+            clip_grad=cfg.train.clip_grad,
+            bf16=self.dtype == torch.bfloat16,
+            params_dtype=self.dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(opt_cfg, [self.model])
+        self.transformer_config.grad_scale_func = optimizer.scale_loss
+        sched = cfg.schedule
+        total = cfg.train.max_steps
+        warmup = min(sched.warmup_steps, total - 1) if total > 1 else 0
+        style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}[sched.name]
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0 if warmup else cfg.optimizer.lr,
+            max_lr=cfg.optimizer.lr,
+            min_lr=cfg.optimizer.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=total,
+            lr_decay_style=style,
+            start_wd=cfg.optimizer.weight_decay,
+            end_wd=cfg.optimizer.weight_decay,
+            wd_incr_steps=total,
+            wd_incr_style="constant",
+            # The config, not the checkpoint, defines the schedule: resuming with a larger
+            # train.max_steps stretches the decay accordingly.
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
+            wsd_decay_steps=max(1, int(round(sched.wsd_decay_fraction * total))) if sched.name == "wsd" else None,
+            lr_wsd_decay_style=sched.wsd_decay_style if sched.name == "wsd" else None,
+        )
+        return optimizer, scheduler
+
+    def _checkpoint_meta(self) -> dict:
+        return {
+            "arch": ckpt.arch_signature(OmegaConf.to_container(self.cfg.model) if OmegaConf.is_config(self.cfg.model) else self.cfg.model),
+            "layout": ckpt.layout(),
+            "consumed_tokens": self.step * self.cfg.train.global_batch_tokens,
+            "global_batch_tokens": self.cfg.train.global_batch_tokens,
+            "seq_length": self.cfg.data.seq_length,
+            "method": self.cfg.method.name,
+        }
+
+    def _maybe_resume(self) -> int:
+        root = ckpt.checkpoint_root(self.run_dir)
+        step = broadcast_object(ckpt.latest_checkpoint(root) if self.rank0 else None)
+        if step is None:
+            return 0
+        path = os.path.join(root, f"iter_{step:07d}")
+        meta = ckpt.load_checkpoint(path, [self.model.module], self.optimizer, self.scheduler, self.cfg.model)
+        if meta.get("global_batch_tokens") not in (None, self.cfg.train.global_batch_tokens):
+            raise UserError(
+                f"{path} was trained with train.global_batch_tokens={meta['global_batch_tokens']}",
+                "resume with the same global batch or start a new run.dir",
+            )
+        log0(f"resumed from {path} (step {step})")
+        return step
+
+    # ------------------------------------------------------------------ steps
+    def _request_stop(self, signum, frame):  # noqa: ARG002
+        self._stop_requested = True
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        position_ids = batch["position_ids"].to(self.device, non_blocking=True)
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        output = model(tokens, position_ids, attention_mask)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
+        return output, partial(self._loss_func, labels, loss_mask, batch)
+
+    def _loss_func(self, labels, loss_mask, extras, logits):
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        loss_sum, num_tokens, report = self.method.loss(logits, labels, loss_mask, extras, tp_group)
+        if self._inject_nonfinite:
+            loss_sum = loss_sum * float("nan")
+        report = dict(report)
+        report["loss"] = torch.stack([loss_sum.detach().double(), num_tokens.double()])
+        return loss_sum, num_tokens, report
+
+    def _run_batches(self, batches: StepBatches, step_index: int, forward_only: bool) -> dict:
+        forward_backward = get_forward_backward_func()
+        reports = forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=batches.iterator(step_index),
+            model=[self.model],
+            num_microbatches=batches.num_microbatches,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            decoder_seq_length=self.cfg.data.seq_length,
+            forward_only=forward_only,
+        )
+        return self._reduce_reports(reports)
+
+    def _reduce_reports(self, reports: list) -> dict:
+        """Sum [sum, count] pairs over micro-batches and DP ranks; share them with every rank."""
+        summed = None
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            keys = sorted(reports[0]) if reports else []
+            summed = torch.stack([sum(r[k] for r in reports) for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
+            if self.layout.dp > 1:
+                dist.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+            summed = {k: summed[i].cpu() for i, k in enumerate(keys)}
+        if self.layout.pp > 1:
+            box = [summed]
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast_object_list(box, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+            summed = box[0]
+        return {k: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for k, v in summed.items()}
+
+    def train_step(self) -> dict:
+        step = self.step + 1
+        self._inject_nonfinite = step in set(self.cfg.train.inject_nonfinite_at)
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        report = self._run_batches(self.train_batches, step - 1, forward_only=False)
+        loss = report["loss"]
+        skipped = not math.isfinite(loss)
+        grad_norm = float("nan")
+        if not skipped:
+            ok, grad_norm, _ = self.optimizer.step()
+            skipped = not ok
+        # The schedule advances even on a skipped step, so the LR stays a function of the step.
+        self.scheduler.step(increment=1)
+        self.step = step
+        elapsed = time.perf_counter() - start
+        tokens = self.cfg.train.global_batch_tokens
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens / elapsed,
+            "consumed_tokens": step * tokens,
+            "step_time_s": elapsed,
+        }
+        if skipped:
+            record["skipped"] = True
+        record.update({k: v for k, v in report.items() if k != "loss"})
+        return record
+
+    def evaluate(self) -> float:
+        if self.valid_batches is None:
+            return float("nan")
+        for module in (self.model,):
+            module.eval()
+        totals = []
+        with torch.no_grad():
+            for i in range(self.cfg.train.eval_batches):
+                self._inject_nonfinite = False
+                totals.append(self._run_batches(self.valid_batches, i, forward_only=True)["loss"])
+        self.model.train()
+        return float(np.mean(totals))
+
+    def save(self) -> None:
+        ckpt.save_checkpoint(self.run_dir, self.step, [self.model.module], self.optimizer, self.scheduler,
+                             self._checkpoint_meta(), self.cfg.train.keep_checkpoints)
+        if self.rank0 and self.cfg.run.plot:
+            plot_metrics(self.run_dir)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> None:
+        cfg = self.cfg.train
+        if self.step >= cfg.max_steps:
+            log0(f"run {self.run_dir} already finished step {self.step} >= train.max_steps={cfg.max_steps}; "
+                 "raise train.max_steps to continue")
+            return
+        log0(f"training steps {self.step + 1}..{cfg.max_steps}: {self.global_batch_size} sequences x "
+             f"{self.cfg.data.seq_length} tokens per step, {self.train_batches.num_microbatches} micro-batches of "
+             f"{cfg.micro_batch_size} per DP rank; run dir {self.run_dir}")
+        progress = Progress(cfg.max_steps, self.step)
+        nonfinite_in_row = 0
+        while self.step < cfg.max_steps:
+            record = self.train_step()
+            step = record["step"]
+            if record.get("skipped"):
+                nonfinite_in_row += 1
+                log0(f"step {step}: non-finite loss ({record['loss']}), step skipped "
+                     f"({nonfinite_in_row}/{cfg.max_consecutive_nonfinite} in a row)")
+            else:
+                nonfinite_in_row = 0
+            if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+                record["val/loss"] = self.evaluate()
+            if self.metrics is not None:
+                self.metrics.write(record)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps or step == 1:
+                line = progress.line(record)
+                if "val/loss" in record:
+                    line += f" | val_loss {record['val/loss']:.4f}"
+                log0(line)
+            if nonfinite_in_row >= cfg.max_consecutive_nonfinite:
+                raise UserError(
+                    f"{nonfinite_in_row} consecutive steps had a non-finite loss (last at step {step}); "
+                    f"the last good checkpoint is kept in {ckpt.checkpoint_root(self.run_dir)}",
+                    "lower optimizer.lr, check the data, or raise train.max_consecutive_nonfinite",
+                )
+            stop = self._should_stop() or (cfg.exit_at_step is not None and step >= cfg.exit_at_step)
+            if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps or stop:
+                self.save()
+            if stop:
+                log0(f"stopping after step {step} (checkpoint saved); rerun the same command to resume")
+                return
+        log0(f"done: {self.step} steps, outputs in {self.run_dir}")
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        shutdown()
