@@ -61,9 +61,13 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_std,
         no_rope_freq=no_rope,
-        # Weights are filled by model.init.init_parameters (parallelism-invariant), so
-        # megatron's own (TP-rank dependent RNG) initialisation is skipped.
-        perform_initialization=False,
+        # Weights are filled afterwards by model.init.init_parameters (parallelism-invariant).
+        # megatron's initialisation must still run: it is what tags each weight with its
+        # tensor-parallel attributes (without them the grad norm ignores TP shards on
+        # ranks > 0). A zero fill keeps that pass cheap.
+        perform_initialization=True,
+        init_method=torch.nn.init.zeros_,
+        output_layer_init_method=torch.nn.init.zeros_,
         use_cpu_initialization=not on_gpu,
         params_dtype=dtype,
         pipeline_dtype=dtype,

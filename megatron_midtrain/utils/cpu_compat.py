@@ -171,6 +171,35 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
         torch._foreach_mul_(grads, clip_coeff)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Within the block, ``Tensor.cuda()`` returns the tensor itself (CPU)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _wrap_method(cls, name: str) -> None:
+    """Run ``cls.name`` with ``Tensor.cuda`` as identity (for methods that call ``.cuda()``)."""
+    original = getattr(cls, name)
+
+    def wrapper(*args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return original(*args, **kwargs)
+
+    wrapper.__wrapped__ = original
+    setattr(cls, name, wrapper)
+
+
+#: (module, class, method) that call ``tensor.cuda()`` directly, which no module proxy can catch.
+CUDA_METHOD_CALLS = (
+    # all-reduce of the tied embedding between the first and last pipeline stage
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule", "setup_embeddings_and_output_layer"),
+)
+
 _ACTIVE = False
 
 
@@ -200,6 +229,8 @@ def activate(force: bool = False) -> bool:
     for name in PATCHED_MODULES:
         module = importlib.import_module(name)
         module.torch = proxy
+    for module_name, cls_name, method in CUDA_METHOD_CALLS:
+        _wrap_method(getattr(importlib.import_module(module_name), cls_name), method)
     opt_module = importlib.import_module("megatron.core.optimizer.optimizer")
     opt_module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     _ACTIVE = True

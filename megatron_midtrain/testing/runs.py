@@ -1,0 +1,46 @@
+"""Run the real trainer in-process on every rank (used by the multi-process tests)."""
+
+from __future__ import annotations
+
+#: Small, fast settings for tests: 1024-token global batch (8 x 128), no periodic eval.
+TEST_OVERRIDES = [
+    "train.global_batch_tokens=1024",
+    "train.micro_batch_size=2",
+    "train.eval_interval=0",
+    "train.log_interval=100",
+    "run.plot=false",
+]
+
+
+def train_and_report(overrides: list[str]) -> dict:
+    """Train with ``overrides``; return rank 0's per-step losses/grad norms (others return {})."""
+    import torch.distributed as dist
+
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.training.metrics import read_metrics
+    from megatron_midtrain.training.trainer import Trainer
+
+    cfg = load_config(TEST_OVERRIDES + list(overrides))
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+        rank0 = dist.get_rank() == 0
+    finally:
+        trainer.close()
+    if not rank0:
+        return {}
+    records = read_metrics(cfg.run.dir)
+    return {"records": records}
+
+
+def validation_loss(overrides: list[str]) -> float:
+    """Build (and resume) a trainer from ``overrides`` and return the validation loss."""
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.training.trainer import Trainer
+
+    cfg = load_config(TEST_OVERRIDES + list(overrides))
+    trainer = Trainer(cfg)
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.close()
