@@ -1,0 +1,42 @@
+"""megatron_midtrain: Megatron-core based LLM mid-training (NTP, ReMiT, RMT)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_midtrain",
+    version="0.1.0",
+    description="Megatron-core mid-training: ReMiT token reweighting and RMT entropy-curriculum GRPO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_midtrain", "megatron_midtrain.*"]) + ["megatron_midtrain.conf"],
+    # conf/ lives at the top of the repo (SPEC layout) and is installed as megatron_midtrain.conf
+    # so that a non-editable install still finds its Hydra configs.
+    package_dir={"megatron_midtrain.conf": "conf"},
+    package_data={"megatron_midtrain.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        # CPU / CI: install torch==2.13.0 first (README) so pip never pulls a CUDA build.
+        "torch>=2.4",
+        # 0.16.1 is the newest release for Python 3.11 and the one the CPU layer is pinned to;
+        # GPU images (Python 3.12) may carry a newer megatron-core.
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.16.1; python_version >= '3.12'",
+        "hydra-core>=1.3.2,<1.4",
+        "omegaconf>=2.3",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "psutil>=5.9",  # megatron-core dist_checkpointing needs it
+        "matplotlib>=3.7",  # metrics.png
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        # Needs a CUDA build; the NGC PyTorch image already brings it (see Dockerfile).
+        "gpu": ["transformer-engine>=2.0"],
+        "hf": ["transformers>=4.45", "tokenizers>=0.20", "safetensors>=0.4"],
+        "slurm": ["hydra-submitit-launcher==1.2.0"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "dev": ["pytest>=8", "tokenizers>=0.20", "pyyaml>=6.0"],
+    },
+    entry_points={"console_scripts": ["midtrain=megatron_midtrain.train:main"]},
+)
