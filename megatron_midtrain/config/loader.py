@@ -42,7 +42,12 @@ def to_dataclass(cfg) -> MidtrainConfig:
 
 
 def _translate(err: Exception, override: str) -> UserError:
-    text = str(err)
+    # Hydra wraps the informative OmegaConf error; read the whole cause chain.
+    texts, cause = [], err
+    while cause is not None:
+        texts.append(str(cause))
+        cause = cause.__cause__
+    text = "\n".join(texts)
     key = None
     for pattern in (r"Could not override '([^']+)'", r"Key '([^']+)' not in '", r"Key '([^']+)' is not in struct", r"full_key: (\S+)"):
         match = re.search(pattern, text)
@@ -52,17 +57,26 @@ def _translate(err: Exception, override: str) -> UserError:
     missing_group = re.search(r"Could not find '([^'/]+)/([^']+)'", text) or re.search(r"In '[^']+': Could not find '([^'/]+)/([^']+)'", text)
     if missing_group:
         group, name = missing_group.groups()
-        options = re.search(r"Available options:\s*(.*)", text, re.S)
-        available = " ".join(options.group(1).split()) if options else "see conf/" + group
-        return UserError(f"unknown {group} preset {name!r}", f"choose one of: {available}")
+        return UserError(f"unknown {group} preset {name!r}", f"choose one of: {', '.join(_group_options(group)) or 'see conf/' + group}")
     if "not in struct" in text or "Could not override" in text or "not in '" in text:
         return UserError(
             f"unknown config key {key!r}" + (f" in override {override!r}" if override else ""),
             "check the spelling (`midtrain --cfg job` prints every key), or prefix with + only for hydra keys",
         )
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    lines = [line.strip() for t in texts[1:] + texts[:1] for line in t.splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
     where = f" for {key}" if key else ""
     return UserError(f"invalid config value{where}: {first}" + (f" (override {override!r})" if override else ""), "fix the value to match the type in megatron_midtrain/config/schema.py")
+
+
+def _group_options(group: str) -> list[str]:
+    """Names selectable for a config group (YAML files and ConfigStore entries)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+    except Exception:  # not inside an initialised Hydra context
+        return []
 
 
 def _user_overrides(argv: list[str]) -> list[str] | None:

@@ -46,7 +46,8 @@ def resolve_sources(cfg) -> tuple[str, list[str], list[float] | None]:
     return data.tokenizer or str(assets.tokenizer_path), [str(assets.prose_prefix), str(assets.math_prefix)], [1.0 - w, w]
 
 
-def build_data(cfg, global_batch_size: int, dp_size: int) -> DataBundle:
+def prepare_sources(cfg) -> tuple[object, list[str], list[float] | None]:
+    """Tokenizer + validated dataset prefixes. Reads only; nothing is written to the run dir."""
     from megatron_midtrain.data.indexing import validate_indexed_dataset
     from megatron_midtrain.data.tokenizer import load_tokenizer
 
@@ -64,7 +65,12 @@ def build_data(cfg, global_batch_size: int, dp_size: int) -> DataBundle:
         )
     for prefix in prefixes:
         validate_indexed_dataset(prefix, vocab_size=cfg.model.vocab_size)
+    return tokenizer, prefixes, weights
 
+
+def build_data(cfg, sources, global_batch_size: int) -> DataBundle:
+    """megatron-core GPT/blended datasets; their index cache goes under the run directory."""
+    tokenizer, prefixes, weights = sources
     train_samples = cfg.train.max_steps * global_batch_size
     valid_samples = max(1, cfg.train.eval_batches) * global_batch_size
     run_cache = os.path.join(cfg.run.dir, "data_index_cache")

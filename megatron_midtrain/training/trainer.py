@@ -27,7 +27,7 @@ from megatron_midtrain.losses import build_method
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
 from megatron_midtrain.model.init import init_parameters
 from megatron_midtrain.training import checkpoint as ckpt
-from megatron_midtrain.training.data import StepBatches, build_data
+from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources
 from megatron_midtrain.training.distributed import broadcast_object, init_distributed, shutdown
 from megatron_midtrain.training.metrics import MetricsWriter, Progress, plot_metrics
 
@@ -43,7 +43,7 @@ class Trainer:
         self.cfg = cfg
         self.layout = init_distributed(cfg)
         self.rank0 = self.layout.rank == 0
-        self.run_dir = self._resolve_run_dir()
+        self.run_dir = self._choose_run_dir()
         self._seed_everything(cfg.run.seed)
         self.dtype = self._param_dtype()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -63,24 +63,29 @@ class Trainer:
                 "adjust train.global_batch_tokens or train.micro_batch_size",
             )
 
+        # Validate everything that can be wrong with the inputs before the first write
+        # to the run directory: a failed start leaves an existing run untouched.
+        resume_meta = self._check_resumable()
+        self.method = build_method(cfg.method)
+        sources = prepare_sources(cfg)
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
-        self.method = build_method(cfg.method)
-        self.data = build_data(cfg, self.global_batch_size, self.layout.dp)
+        self._write_run_config()
+        self.data = build_data(cfg, sources, self.global_batch_size)
         dp_rank = parallel_state.get_data_parallel_rank()
         self.train_batches = StepBatches(self.data.train, self.global_batch_size, cfg.train.micro_batch_size, dp_rank, self.layout.dp)
         self.valid_batches = (
             StepBatches(self.data.valid, self.global_batch_size, cfg.train.micro_batch_size, dp_rank, self.layout.dp)
             if self.data.valid is not None else None
         )
-        self.step = self._maybe_resume()
+        self.step = self._resume(resume_meta)
         self.metrics = MetricsWriter(self.run_dir, self.step, cfg.run.tensorboard) if self.rank0 else None
         self._stop_requested = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
 
     # ------------------------------------------------------------------ set-up
-    def _resolve_run_dir(self) -> str:
+    def _choose_run_dir(self) -> str:
         run_dir = self.cfg.run.dir
         if not run_dir and self.rank0:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -88,6 +93,10 @@ class Trainer:
         # Every rank must use rank 0's choice (timestamps differ between processes).
         run_dir = os.path.abspath(broadcast_object(run_dir))
         self.cfg.run.dir = run_dir
+        return run_dir
+
+    def _write_run_config(self) -> None:
+        run_dir = self.run_dir
         if self.rank0:
             os.makedirs(run_dir, exist_ok=True)
             text = OmegaConf.to_yaml(self.cfg) if OmegaConf.is_config(self.cfg) else OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
@@ -97,7 +106,6 @@ class Trainer:
             os.replace(tmp, os.path.join(run_dir, "config.yaml"))
         if dist.is_initialized():
             dist.barrier()
-        return run_dir
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -186,20 +194,31 @@ class Trainer:
             "method": self.cfg.method.name,
         }
 
-    def _maybe_resume(self) -> int:
+    def _check_resumable(self) -> dict | None:
+        """meta.json of the checkpoint to resume from (None for a fresh run), after checking
+        that it matches this config's architecture and batch."""
         root = ckpt.checkpoint_root(self.run_dir)
         step = broadcast_object(ckpt.latest_checkpoint(root) if self.rank0 else None)
         if step is None:
-            return 0
+            return None
         path = os.path.join(root, f"iter_{step:07d}")
-        meta = ckpt.load_checkpoint(path, [self.model.module], self.optimizer, self.scheduler, self.cfg.model)
+        meta = ckpt.read_meta(path)
+        ckpt.check_compatible(meta, self.cfg.model, path)
         if meta.get("global_batch_tokens") not in (None, self.cfg.train.global_batch_tokens):
             raise UserError(
-                f"{path} was trained with train.global_batch_tokens={meta['global_batch_tokens']}",
+                f"{path} was trained with train.global_batch_tokens={meta['global_batch_tokens']}, "
+                f"the config says {self.cfg.train.global_batch_tokens}",
                 "resume with the same global batch or start a new run.dir",
             )
-        log0(f"resumed from {path} (step {step})")
-        return step
+        meta["path"] = path
+        return meta
+
+    def _resume(self, meta: dict | None) -> int:
+        if meta is None:
+            return 0
+        ckpt.load_checkpoint(meta["path"], [self.model.module], self.optimizer, self.scheduler, self.cfg.model)
+        log0(f"resumed from {meta['path']} (step {meta['step']})")
+        return meta["step"]
 
     # ------------------------------------------------------------------ steps
     def _request_stop(self, signum, frame):  # noqa: ARG002
