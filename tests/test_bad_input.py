@@ -120,3 +120,8 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
     assert "step 2: non-finite loss" in proc.stdout
     # A skipped step leaves the weights alone: step 3 trains on from step 1's update.
     assert all(r["loss"] == r["loss"] for r in records if not r.get("skipped"))
+
+
+def test_reset_position_ids_is_refused(tmp_path):
+    proc = midtrain("data.reset_position_ids=true", f"run.dir={tmp_path}/run")
+    assert_one_line_error(proc, "reset_position_ids", "reset_attention_mask")

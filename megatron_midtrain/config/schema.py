@@ -56,7 +56,7 @@ class ModelConfig:
     vocab_size: int = 2048
     """Model vocabulary (embedding rows before TP padding). Must be >= the tokenizer's."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the embedding table to a multiple of this times TP (Megatron convention)."""
+    """Pad the embedding table to a multiple of this (independent of TP, so checkpoints reshard)."""
     max_position_embeddings: int = 4096
     """Longest sequence RoPE is prepared for."""
     rope_theta: float = 10000.0
@@ -70,7 +70,11 @@ class ModelConfig:
     qkv_bias: bool = False
     """Bias on the Q/K/V projections (Qwen2/2.5)."""
     qk_norm: bool = False
-    """Per-head RMSNorm on queries and keys (Qwen3)."""
+    """RMSNorm on queries and keys (Qwen3, OLMo-2); see qk_norm_scope."""
+    qk_norm_scope: str = "head"
+    """head: one norm per head over head_dim (Qwen3); full: over all heads together (OLMo-2)."""
+    norm_placement: str = "pre"
+    """pre: x + f(norm(x)) (Llama, Qwen, SmolLM3); post: x + norm(f(x)) (OLMo-2)."""
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
     init_std: float = 0.02
@@ -93,6 +97,10 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads",
                 "set model.head_dim explicitly",
             )
+        if self.qk_norm_scope not in ("head", "full"):
+            raise UserError(f"model.qk_norm_scope={self.qk_norm_scope!r} is unknown", "use head (Qwen3) or full (OLMo-2)")
+        if self.norm_placement not in ("pre", "post"):
+            raise UserError(f"model.norm_placement={self.norm_placement!r} is unknown", "use pre (Llama/Qwen) or post (OLMo-2)")
         if self.no_rope_layers is not None and len(self.no_rope_layers) != self.num_layers:
             raise UserError(
                 f"model.no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_layers} layers",
@@ -113,13 +121,22 @@ class DataConfig:
     split: str = "98,2,0"
     """Train/validation/test split of each dataset, in documents (megatron-core syntax)."""
     reset_position_ids: bool = False
-    """Restart position ids after each EOD (document-level packing)."""
+    """Restart position ids after each EOD. Not supported yet: megatron-core's GPTModel builds
+    RoPE from the sequence position and ignores position ids, so this is refused."""
     reset_attention_mask: bool = False
     """Block attention across EOD boundaries (document masking)."""
     eod_mask_loss: bool = False
     """Exclude the EOD token from the loss."""
     demo_math_weight: float = 0.5
     """Embedded demo only: share of step-by-step arithmetic documents in the blend."""
+
+
+    def __post_init__(self):
+        if self.reset_position_ids:
+            raise UserError(
+                "data.reset_position_ids=true has no effect: megatron-core's RoPE ignores position ids",
+                "leave it false; use data.reset_attention_mask=true to keep documents apart",
+            )
 
 
 @dataclass

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_midtrain.config.schema import ModelConfig, ParallelConfig
+from megatron_midtrain.model.olmo2 import FullWidthQKNorm, PostNormMLP, PostNormSelfAttention
 from megatron_midtrain.model.sdpa_attention import SDPAttention
 
 
@@ -31,8 +33,13 @@ def have_transformer_engine() -> bool:
 
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:
-    """Megatron convention: pad the vocabulary to a multiple of ``divisible_by * tp``."""
-    multiple = model.make_vocab_size_divisible_by * tp
+    """Pad the vocabulary to a multiple of ``make_vocab_size_divisible_by``.
+
+    Unlike Megatron-LM (multiple of ``divisible_by * tp``) the padding does not depend on
+    TP, so the embedding has the same shape at every TP size and checkpoints reshard
+    freely; ``check_layout`` makes sure the padded size splits evenly across TP ranks.
+    """
+    multiple = model.make_vocab_size_divisible_by
     return ((model.vocab_size + multiple - 1) // multiple) * multiple
 
 
@@ -89,10 +96,31 @@ def build_layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if model.qk_norm and model.qk_norm_scope == "full":
+        attn = spec.submodules.self_attention.submodules
+        attn.q_layernorm = ModuleSpec(module=FullWidthQKNorm, params={"heads": "q"})
+        attn.k_layernorm = ModuleSpec(module=FullWidthQKNorm, params={"heads": "k"})
+    if model.norm_placement == "post":
+        _use_post_norm(spec, use_te)
     return spec
+
+
+def _use_post_norm(spec: ModuleSpec, use_te: bool) -> None:
+    """OLMo-2: no pre-norms; attention and MLP normalise their own outputs (see olmo2.py)."""
+    layer = spec.submodules
+    layer.input_layernorm = IdentityOp
+    layer.pre_mlp_layernorm = IdentityOp
+    layer.self_attention.module = PostNormSelfAttention
+    layer.mlp.module = PostNormMLP
+    if use_te:  # TE fuses the pre-norm into the first linear; use the unfused linears instead
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+        layer.self_attention.submodules.linear_qkv = TEColumnParallelLinear
+        layer.mlp.submodules.linear_fc1 = TEColumnParallelLinear
 
 
 def build_gpt_stage(

@@ -22,14 +22,14 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-_ONES = ("layer_norm_weight", "layernorm.weight", "final_layernorm.weight")
+_ONES = ("layer_norm_weight", "layernorm.weight", "norm.weight")
 # Output projections of residual branches get std / sqrt(2 * num_layers) (GPT-2 / Megatron).
 _SCALED = ("linear_proj.weight", "linear_fc2.weight")
 
 
 def _global_value(key: str, shape: tuple[int, ...], layer_offsets: tuple[int, ...], seed: int, std: float, num_layers: int):
     name = key.split("/")[-1]
-    if name.endswith(_ONES) or name.endswith("q_layernorm.weight") or name.endswith("k_layernorm.weight"):
+    if name.endswith(_ONES):
         return torch.ones(shape, dtype=torch.float32)
     if name.endswith("bias"):
         return torch.zeros(shape, dtype=torch.float32)

@@ -9,6 +9,7 @@ re-raised in the parent with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -38,7 +39,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn, args, kwarg
         if backend == "nccl":
             torch.cuda.set_device(rank)
         result = fn(*args, **kwargs)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensors by value; torch's queue reducers would pass shared-memory
+        # handles that vanish when this process exits before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -85,7 +88,7 @@ def run_distributed(
             continue
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
     for p in procs:

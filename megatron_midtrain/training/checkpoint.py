@@ -37,7 +37,8 @@ META = "meta.json"
 #: Model fields that must match for a checkpoint to be loadable (layout-independent).
 ARCH_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "head_dim", "vocab_size", "qkv_bias", "qk_norm", "tie_embeddings", "no_rope_layers",
+    "head_dim", "vocab_size", "qkv_bias", "qk_norm", "qk_norm_scope", "norm_placement",
+    "tie_embeddings", "no_rope_layers",
 )
 
 

@@ -47,6 +47,13 @@ def check_layout(cfg, world: int) -> int:
             f"and KV groups ({groups})",
             "choose parallel.tp that divides both",
         )
+    from megatron_midtrain.model.builder import padded_vocab_size
+
+    if padded_vocab_size(m, 1) % p.tp:
+        raise UserError(
+            f"the padded vocabulary ({padded_vocab_size(m, 1)}) does not split across parallel.tp={p.tp}",
+            "set model.make_vocab_size_divisible_by to a multiple of parallel.tp",
+        )
     if m.ffn_hidden_size % p.tp:
         raise UserError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}", "change parallel.tp")
     if m.num_layers % p.pp:

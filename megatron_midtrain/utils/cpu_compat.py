@@ -163,7 +163,7 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
         parameters = [parameters]
     grads = []
     for param in parameters:
-        grad = param.decoupled_grad if use_decoupled_grad else param.grad
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
         if grad is not None:
             grads.append(grad.detach())
     clip_coeff = max_norm / (total_norm + 1.0e-6)
