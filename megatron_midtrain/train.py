@@ -9,9 +9,13 @@ import sys
 
 import hydra
 
+from megatron_midtrain.utils.quiet import silence_known_warnings
+
+silence_known_warnings()
+
 from megatron_midtrain.config.loader import conf_dir, precheck_overrides, to_dataclass
 from megatron_midtrain.config.schema import register_configs
-from megatron_midtrain.errors import exit_on_user_error
+from megatron_midtrain.errors import exit_on_user_error  # noqa: E402
 
 register_configs()
 

@@ -1,0 +1,21 @@
+"""Silence megatron-core import warnings that are expected and not actionable.
+
+On the CPU (and on GPU images without apex) megatron-core warns at import time
+that it falls back to torch implementations. Those lines bury the progress
+output, so entry points filter exactly these messages and nothing else.
+"""
+
+import warnings
+
+_EXPECTED = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*full scope is deprecated.*",
+    r".*torch\.jit\.script_method.*is deprecated.*",
+    r".*The following imports from `dynamic_context\.py` will be removed.*",
+)
+
+
+def silence_known_warnings() -> None:
+    for pattern in _EXPECTED:
+        warnings.filterwarnings("ignore", message=pattern)
