@@ -1,12 +1,16 @@
 """megatron_midtrain: Megatron-core based LLM mid-training (NTP, ReMiT, RMT)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="megatron_midtrain",
     version="0.1.0",
     description="Megatron-core mid-training: ReMiT token reweighting and RMT entropy-curriculum GRPO",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_midtrain", "megatron_midtrain.*"]) + ["megatron_midtrain.conf"],

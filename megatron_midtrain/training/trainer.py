@@ -18,7 +18,6 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
@@ -29,6 +28,7 @@ from megatron_midtrain.model.init import init_parameters
 from megatron_midtrain.training import checkpoint as ckpt
 from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources
 from megatron_midtrain.training.distributed import broadcast_object, init_distributed, shutdown
+from megatron_midtrain.training.schedule import build_lr_scheduler
 from megatron_midtrain.training.metrics import MetricsWriter, Progress, plot_metrics
 
 
@@ -159,30 +159,7 @@ class Trainer:
         )
         optimizer = get_megatron_optimizer(opt_cfg, [self.model])
         self.transformer_config.grad_scale_func = optimizer.scale_loss
-        sched = cfg.schedule
-        total = cfg.train.max_steps
-        warmup = min(sched.warmup_steps, total - 1) if total > 1 else 0
-        style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}[sched.name]
-        scheduler = OptimizerParamScheduler(
-            optimizer,
-            init_lr=0.0 if warmup else cfg.optimizer.lr,
-            max_lr=cfg.optimizer.lr,
-            min_lr=cfg.optimizer.min_lr,
-            lr_warmup_steps=warmup,
-            lr_decay_steps=total,
-            lr_decay_style=style,
-            start_wd=cfg.optimizer.weight_decay,
-            end_wd=cfg.optimizer.weight_decay,
-            wd_incr_steps=total,
-            wd_incr_style="constant",
-            # The config, not the checkpoint, defines the schedule: resuming with a larger
-            # train.max_steps stretches the decay accordingly.
-            use_checkpoint_opt_param_scheduler=False,
-            override_opt_param_scheduler=True,
-            wsd_decay_steps=max(1, int(round(sched.wsd_decay_fraction * total))) if sched.name == "wsd" else None,
-            lr_wsd_decay_style=sched.wsd_decay_style if sched.name == "wsd" else None,
-        )
-        return optimizer, scheduler
+        return optimizer, build_lr_scheduler(optimizer, cfg)
 
     def _checkpoint_meta(self) -> dict:
         return {
