@@ -107,17 +107,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(model_chunks, optimizer, is_loading: bool) -> dict:
-    state = {}
-    for i, chunk in enumerate(model_chunks):
-        state[f"model{i}" if len(model_chunks) > 1 else "model"] = chunk.sharded_state_dict()
-    model_sd = state["model"] if len(model_chunks) == 1 else {k: v for c in (state[f"model{i}"] for i in range(len(model_chunks))) for k, v in c.items()}
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    """The sharded state dict of one model stage (+ its optimizer state)."""
+    state = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
     return state
 
 
-def save_checkpoint(run_dir: str, step: int, model_chunks, optimizer, scheduler, extra: dict, keep: int) -> str:
+def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"iter_{step:07d}")
@@ -127,7 +125,7 @@ def save_checkpoint(run_dir: str, step: int, model_chunks, optimizer, scheduler,
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     _barrier()
-    state = _sharded_state(model_chunks, optimizer, is_loading=False)
+    state = _sharded_state(model, optimizer, is_loading=False)
     # Everything that is not a sharded tensor is "common" state, written once by rank 0.
     state["scheduler"] = scheduler.state_dict()
     state["step"] = step
@@ -173,36 +171,29 @@ def check_compatible(meta: dict, model_cfg, ckpt_dir: str) -> None:
             )
 
 
-def load_checkpoint(ckpt_dir: str, model_chunks, optimizer, scheduler, model_cfg, load_optimizer: bool = True) -> dict:
+def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, model_cfg, load_optimizer: bool = True) -> dict:
     """Collective load into the (already built) model/optimizer/scheduler. Returns meta.json."""
     meta = read_meta(ckpt_dir)
     check_compatible(meta, model_cfg, ckpt_dir)
-    state = _sharded_state(model_chunks, optimizer if load_optimizer else None, is_loading=True)
+    state = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True)
     loaded = dist_checkpointing.load(state, ckpt_dir)
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    model.load_state_dict(loaded["model"])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(ckpt_dir, "rng", f"rank{rank:05d}.pt")
-    same_layout = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1) and meta.get("layout") == _layout()
+    same_layout = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1) and meta.get("layout") == layout()
     if same_layout and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
 
 
-def _layout() -> list[int]:
+def layout() -> list[int]:
+    """[TP, PP, DP] of this process group layout (RNG state is restored only on the same one)."""
     return [
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_data_parallel_world_size(),
     ]
-
-
-def layout() -> list[int]:
-    return _layout()

@@ -61,6 +61,11 @@ def check_layout(cfg, world: int) -> int:
             f"parallel.pp={p.pp} does not divide model.num_layers={m.num_layers}",
             "choose parallel.pp that divides the number of layers",
         )
+    if p.distributed_optimizer and not torch.cuda.is_available():
+        raise UserError(
+            "parallel.distributed_optimizer=true needs CUDA (megatron's DistributedOptimizer checks for CUDA tensors)",
+            "set parallel.distributed_optimizer=false on the CPU",
+        )
     if p.cp > 1 and not torch.cuda.is_available():
         raise UserError("parallel.cp > 1 needs GPUs with Transformer Engine", "use parallel.cp=1 on the CPU")
     return world // model_parallel

@@ -193,7 +193,7 @@ class Trainer:
     def _resume(self, meta: dict | None) -> int:
         if meta is None:
             return 0
-        ckpt.load_checkpoint(meta["path"], [self.model.module], self.optimizer, self.scheduler, self.cfg.model)
+        ckpt.load_checkpoint(meta["path"], self.model.module, self.optimizer, self.scheduler, self.cfg.model)
         log0(f"resumed from {meta['path']} (step {meta['step']})")
         return meta["step"]
 
@@ -287,8 +287,7 @@ class Trainer:
     def evaluate(self) -> float:
         if self.valid_batches is None:
             return float("nan")
-        for module in (self.model,):
-            module.eval()
+        self.model.eval()
         totals = []
         with torch.no_grad():
             for i in range(self.cfg.train.eval_batches):
@@ -298,7 +297,7 @@ class Trainer:
         return float(np.mean(totals))
 
     def save(self) -> None:
-        ckpt.save_checkpoint(self.run_dir, self.step, [self.model.module], self.optimizer, self.scheduler,
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model.module, self.optimizer, self.scheduler,
                              self._checkpoint_meta(), self.cfg.train.keep_checkpoints)
         if self.rank0 and self.cfg.run.plot:
             plot_metrics(self.run_dir)
