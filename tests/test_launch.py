@@ -200,15 +200,15 @@ def test_sweep_dry_run_prints_multirun_command(fake_bin: Path) -> None:
     assert "-m" in tokens[3:] or "--multirun" in tokens
     assert "hydra/launcher=submitit_slurm" in tokens
     assert "run.dir=${hydra:sweep.dir}/${hydra:sweep.subdir}" in tokens
-    assert any(t.startswith("method.clip_eps=") and "," in t for t in tokens)
+    assert any(t.startswith("optimizer.lr=") and "," in t for t in tokens)
 
 
 @needs_bash
 def test_sweep_dry_run_passes_user_overrides(fake_bin: Path) -> None:
-    proc = _run(SWEEP, ["--dry-run", "method.clip_eps=0.1,0.2", "train.max_steps=50"], fake_bin,
+    proc = _run(SWEEP, ["--dry-run", "optimizer.lr=1e-4,3e-4", "train.max_steps=50"], fake_bin,
                 {"NODES": "2", "SWEEP_DIR": "/shared/sw"})
     tokens = _command_line(proc.stdout, "python")
-    assert tokens[-2:] == ["method.clip_eps=0.1,0.2", "train.max_steps=50"]
+    assert tokens[-2:] == ["optimizer.lr=1e-4,3e-4", "train.max_steps=50"]
     assert "hydra.launcher.nodes=2" in tokens
     assert "hydra.sweep.dir=/shared/sw" in tokens
 

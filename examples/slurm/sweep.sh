@@ -2,8 +2,8 @@
 # Hydra multirun sweep on SLURM through the submitit launcher.
 #
 #   bash examples/slurm/sweep.sh                                  # default example sweep
-#   bash examples/slurm/sweep.sh method.clip_eps=0.1,0.2 train.max_steps=2000
-#   NODES=2 SWEEP_NAME=lr bash examples/slurm/sweep.sh --dry-run 'optim.lr=1e-5,3e-5'
+#   bash examples/slurm/sweep.sh optimizer.lr=1e-4,3e-4 train.max_steps=2000
+#   NODES=2 SWEEP_NAME=lr bash examples/slurm/sweep.sh --dry-run 'schedule.name=cosine,wsd'
 #
 # Run it on a login node (it only submits; it returns when all sweep jobs end,
 # so use tmux/screen or nohup).  Each sweep point is one element of a SLURM
@@ -27,7 +27,7 @@ for arg in "$@"; do
     esac
 done
 if ((${#ARGS[@]} == 0)); then
-    ARGS=('method.clip_eps=0.1,0.2,0.3')
+    ARGS=('optimizer.lr=1e-4,3e-4,1e-3')
 fi
 
 WORKDIR=${WORKDIR:-$PWD}

@@ -218,7 +218,7 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """cosine (decay to optimizer.min_lr), wsd (constant stable stage, then decay) or constant."""
+    """cosine (decay to optimizer.min_lr), wsd (constant stable stage, then decay), linear or constant."""
     warmup_steps: int = 10
     """Linear warmup steps (0 = none)."""
     wsd_decay_fraction: float = 0.2
@@ -236,11 +236,12 @@ class ScheduleConfig:
 @dataclass
 class ReferenceConfig:
     checkpoint: Optional[str] = None
-    """Frozen reference model checkpoint (ReMiT / RHO-1 / KD). Used by the reference-based methods."""
+    """Frozen reference model checkpoint for the reference-based methods (ReMiT, RHO-1, KD).
+    Reserved: no method in this release reads the reference group yet."""
     mode: str = "colocated"
-    """colocated (run the reference in the same processes) or offline (read pre-scored log-probs)."""
+    """colocated (run the reference in the same processes) or offline (read pre-scored log-probs). Reserved."""
     scores: Optional[str] = None
-    """Offline mode: the score store written by tools/score_reference.py."""
+    """Offline mode: path of a pre-scored log-prob store. Reserved."""
 
 
 @dataclass
