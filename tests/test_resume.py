@@ -1,6 +1,5 @@
 """Exact resume, crash (SIGKILL) resume, and TP resharding of checkpoints (CPU, fp32)."""
 
-import json
 import os
 import signal
 import subprocess

@@ -41,38 +41,26 @@ class ReplicatedRMSNorm(MegatronModule):
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-class _PostNormMixin:
-    def _build_post_norm(self, config):
+def _post_normed(base: type, name: str, doc: str) -> type:
+    """Subclass ``base`` (returns ``(output, bias)``) so that it RMS-normalises its output."""
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
         self.post_norm = ReplicatedRMSNorm(config, config.hidden_size, config.layernorm_epsilon)
 
-    def _apply_post_norm(self, output, bias):
+    def forward(self, *args, **kwargs):
+        output, bias = base.forward(self, *args, **kwargs)
         if bias is not None:  # OLMo-2 has no linear biases; fold one in rather than drop it
-            output, bias = output + bias, None
-        return self.post_norm(output), bias
+            output = output + bias
+        return self.post_norm(output), None
+
+    return type(name, (base,), {"__init__": __init__, "forward": forward, "__doc__": doc, "__module__": __name__})
 
 
-class PostNormSelfAttention(_PostNormMixin, SelfAttention):
-    """SelfAttention whose output is RMS-normalised before the residual add (OLMo-2)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        self._build_post_norm(config)
-
-    def forward(self, *args, **kwargs):
-        output, bias = super().forward(*args, **kwargs)
-        return self._apply_post_norm(output, bias)
-
-
-class PostNormMLP(_PostNormMixin, MLP):
-    """SwiGLU MLP whose output is RMS-normalised before the residual add (OLMo-2)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        self._build_post_norm(config)
-
-    def forward(self, *args, **kwargs):
-        output, bias = super().forward(*args, **kwargs)
-        return self._apply_post_norm(output, bias)
+PostNormSelfAttention = _post_normed(
+    SelfAttention, "PostNormSelfAttention", "SelfAttention whose output is RMS-normalised before the residual add (OLMo-2)."
+)
+PostNormMLP = _post_normed(MLP, "PostNormMLP", "SwiGLU MLP whose output is RMS-normalised before the residual add (OLMo-2).")
 
 
 class FullWidthQKNorm(MegatronModule):

@@ -6,7 +6,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from datetime import datetime, timezone
 from functools import partial
@@ -39,7 +38,7 @@ def log0(msg: str) -> None:
 
 class Trainer:
     def __init__(self, cfg):
-        """``cfg``: an OmegaConf node validated against MidtrainConfig (or the dataclass itself)."""
+        """``cfg``: a validated :class:`MidtrainConfig` (see config/loader.py)."""
         self.cfg = cfg
         self.layout = init_distributed(cfg)
         self.rank0 = self.layout.rank == 0
@@ -99,7 +98,7 @@ class Trainer:
         run_dir = self.run_dir
         if self.rank0:
             os.makedirs(run_dir, exist_ok=True)
-            text = OmegaConf.to_yaml(self.cfg) if OmegaConf.is_config(self.cfg) else OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+            text = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
             tmp = os.path.join(run_dir, "config.yaml.tmp")
             with open(tmp, "w") as fh:
                 fh.write(text)
@@ -163,7 +162,7 @@ class Trainer:
 
     def _checkpoint_meta(self) -> dict:
         return {
-            "arch": ckpt.arch_signature(OmegaConf.to_container(self.cfg.model) if OmegaConf.is_config(self.cfg.model) else self.cfg.model),
+            "arch": ckpt.arch_signature(self.cfg.model),
             "layout": ckpt.layout(),
             "consumed_tokens": self.step * self.cfg.train.global_batch_tokens,
             "global_batch_tokens": self.cfg.train.global_batch_tokens,
