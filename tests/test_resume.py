@@ -75,4 +75,5 @@ def test_checkpoint_reshards_between_tp_sizes(save_tp, load_tp, tmp_path):
     records = _run(save_tp, common + [f"parallel.tp={save_tp}"])
     saved_val = records[-1]["val/loss"]
     loaded_val = run_distributed(validation_loss, load_tp, common + [f"parallel.tp={load_tp}"])[0]
+    print(f"TP{save_tp} checkpoint: val loss {saved_val!r} at TP{save_tp}, {loaded_val!r} at TP{load_tp}")
     assert loaded_val == pytest.approx(saved_val, rel=1e-6)
