@@ -259,6 +259,22 @@ class NTPMethodConfig(MethodConfig):
 
 
 @dataclass
+class ReMiTMethodConfig(MethodConfig):
+    name: str = "remit"
+    """ReMiT: tokens reweighted by a frozen RL-tuned reference (needs reference.checkpoint)."""
+    clip_eps: float = 0.2
+    """epsilon of eq. 5: weights are clipped to [1 - eps, 1 + eps]."""
+    center: str = "sequence"
+    """Centring of the log-prob gap: sequence (paper, eq. 4), document (per EOD-separated document) or none."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.clip_eps < 1.0:
+            raise UserError(f"method.clip_eps={self.clip_eps} must be in [0, 1)", "e.g. method.clip_eps=0.2 (the paper's value)")
+        if self.center not in ("sequence", "document", "none"):
+            raise UserError(f"method.center={self.center!r} is unknown", "use sequence, document or none")
+
+
+@dataclass
 class MidtrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory, seed, outputs."""
@@ -285,3 +301,4 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="midtrain_schema", node=MidtrainConfig)
     cs.store(group="method", name="ntp", node=NTPMethodConfig)
+    cs.store(group="method", name="remit", node=ReMiTMethodConfig)

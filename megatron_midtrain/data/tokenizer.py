@@ -289,3 +289,16 @@ def train_sentencepiece(
 
         spm.SentencePieceTrainer.train(sentence_iterator=sentences(), **kwargs)
     return os.fspath(model_prefix) + ".model"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Stable id of a tokenizer's vocabulary (pieces and ids), independent of its file path.
+
+    Stored in checkpoints so that a reference model trained with another tokenizer is refused.
+    """
+    import hashlib
+    import json
+
+    items = sorted((str(piece), int(idx)) for piece, idx in tokenizer.vocab.items())
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{digest}"

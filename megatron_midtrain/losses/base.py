@@ -24,8 +24,15 @@ import torch
 
 class Method(Protocol):
     name: str
+    #: What the method needs from a frozen reference: None, or "target_logprobs"
+    #: (``extras["ref_logprobs"]``, ``[mbs, seq]`` fp32 on the last stage).
+    needs_reference: str | None
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, extras: dict, tp_group) -> tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        ...
+
+    def finalize_report(self, report: Dict[str, float]) -> Dict[str, float]:
+        """Turn the reduced ``sum/count`` means into the logged statistics (e.g. a std)."""
         ...
 
 
@@ -41,13 +48,14 @@ def register_method(name: str):
     return deco
 
 
-def build_method(method_cfg) -> Method:
+def build_method(method_cfg, **context) -> Method:
+    """Instantiate the registered method; ``context`` carries run facts (e.g. ``eod_id``)."""
     from megatron_midtrain.errors import UserError
 
     name = method_cfg.name
     if name not in _REGISTRY:
         raise UserError(f"method={name!r} is not implemented", f"choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](method_cfg)
+    return _REGISTRY[name](method_cfg, **context)
 
 
 def report_entry(total: torch.Tensor, count) -> torch.Tensor:

@@ -16,10 +16,15 @@ def ntp_loss_sum(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch
 
 @register_method("ntp")
 class NTPMethod:
-    def __init__(self, cfg):
+    needs_reference = None
+
+    def __init__(self, cfg=None, **context):
         self.cfg = cfg
 
     def loss(self, logits, labels, loss_mask, extras, tp_group):
         logp = vocab_parallel_logprobs(logits, labels, tp_group)
         loss_sum, count = ntp_loss_sum(logp, loss_mask)
         return loss_sum, count, {"ntp_loss": report_entry(loss_sum, count)}
+
+    def finalize_report(self, report):
+        return report

@@ -1,12 +1,17 @@
 """ReMiT token weights (Tan et al., arXiv 2602.03075, eq. 3-5 and Algorithm 1).
 
-This module holds the pure weight function. The ``method=remit`` loss, which needs
-the co-located or offline reference, is not wired into the trainer yet (issue 3).
+The pure weight function plus the ``method=remit`` adapter; the reference log-probs
+arrive in ``extras["ref_logprobs"]`` (see reference/colocated.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from megatron_midtrain.losses.base import register_method, report_entry
+from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
 
 CENTER_MODES = ("sequence", "document", "none")
 
@@ -86,3 +91,48 @@ def remit_token_weights(
         delta = delta - _group_mean(delta, mask, rows * span + doc)
     weights = (2.0 * torch.sigmoid(delta)).clamp(1.0 - clip_eps, 1.0 + clip_eps)
     return torch.where(mask, weights, torch.ones_like(weights))
+
+
+def document_ids_from_tokens(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """Index of the document each position belongs to: the number of EODs strictly before it."""
+    is_eod = (tokens == eod_id).long()
+    return torch.cumsum(is_eod, dim=1) - is_eod
+
+
+@register_method("remit")
+class ReMiTMethod:
+    """``L = sum(mask * w * -logp_theta) / sum(mask)`` with w from :func:`remit_token_weights`."""
+
+    needs_reference = "target_logprobs"
+
+    def __init__(self, cfg, eod_id: int | None = None, **context):
+        self.clip_eps = float(cfg.clip_eps)
+        self.center = cfg.center
+        self.eod_id = eod_id
+
+    def loss(self, logits, labels, loss_mask, extras, tp_group):
+        logp = vocab_parallel_logprobs(logits, labels, tp_group)
+        ref = extras["ref_logprobs"].to(logp.device)
+        docs = document_ids_from_tokens(extras["tokens"].to(logp.device), self.eod_id) if self.center == "document" else None
+        weights = remit_token_weights(logp.detach(), ref, loss_mask, self.clip_eps, self.center, docs)
+        mask = loss_mask.bool()
+        loss_sum = -(logp * weights * mask).sum()
+        count = mask.sum().to(torch.int)
+        w = weights[mask].double()
+        tol = 1e-6
+        report = {
+            "remit/w_mean": report_entry(w.sum(), count),
+            "remit/w_sq_mean": report_entry((w * w).sum(), count),
+            "remit/frac_low": report_entry((w <= 1.0 - self.clip_eps + tol).sum(), count),
+            "remit/frac_high": report_entry((w >= 1.0 + self.clip_eps - tol).sum(), count),
+            "remit/delta_mean": report_entry((ref - logp.detach())[mask].sum(), count),
+            "ntp_loss": report_entry(-(logp.detach() * mask).sum(), count),
+        }
+        return loss_sum, count, report
+
+    def finalize_report(self, report):
+        out = dict(report)
+        mean_sq = out.pop("remit/w_sq_mean", None)
+        if mean_sq is not None and "remit/w_mean" in out:
+            out["remit/w_std"] = math.sqrt(max(mean_sq - out["remit/w_mean"] ** 2, 0.0))
+        return out

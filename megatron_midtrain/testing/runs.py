@@ -44,3 +44,19 @@ def validation_loss(overrides: list[str]) -> float:
         return trainer.evaluate()
     finally:
         trainer.close()
+
+
+def save_initial_checkpoint(overrides: list[str]) -> str:
+    """Build the trainer (seeded init, no step taken) and save it as step 0; return its path."""
+    import os
+
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.training.trainer import Trainer
+
+    cfg = load_config(TEST_OVERRIDES + list(overrides))
+    trainer = Trainer(cfg)
+    try:
+        trainer.save()
+    finally:
+        trainer.close()
+    return os.path.join(cfg.run.dir, "checkpoints", "iter_0000000")

@@ -159,16 +159,18 @@ def read_meta(ckpt_dir: str) -> dict:
         return json.load(fh)
 
 
-def check_compatible(meta: dict, model_cfg, ckpt_dir: str) -> None:
+def check_compatible(meta: dict, model_cfg, ckpt_dir: str, what: str = "checkpoint") -> None:
     """Refuse a checkpoint whose architecture differs, naming the first differing field."""
     saved = meta.get("arch", {})
     current = arch_signature(model_cfg)
     for key in ARCH_FIELDS:
         if key in saved and saved[key] != current[key]:
-            raise UserError(
-                f"checkpoint {ckpt_dir} has model.{key}={saved[key]} but the config has {current[key]}",
-                "use the model config the checkpoint was saved with, or a new run.dir",
+            fix = (
+                "use the model config the checkpoint was saved with, or a new run.dir"
+                if what == "checkpoint"
+                else "the reference must have the policy's architecture and vocabulary"
             )
+            raise UserError(f"{what} {ckpt_dir} has model.{key}={saved[key]} but the config has {current[key]}", fix)
 
 
 def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, model_cfg, load_optimizer: bool = True) -> dict:

@@ -21,7 +21,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from megatron_midtrain.errors import UserError
+from megatron_midtrain.data.tokenizer import tokenizer_fingerprint
 from megatron_midtrain.losses import build_method
+from megatron_midtrain.losses.ntp import NTPMethod
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
 from megatron_midtrain.model.init import init_parameters
 from megatron_midtrain.training import checkpoint as ckpt
@@ -65,9 +67,13 @@ class Trainer:
         # Validate everything that can be wrong with the inputs before the first write
         # to the run directory: a failed start leaves an existing run untouched.
         resume_meta = self._check_resumable()
-        self.method = build_method(cfg.method)
         sources = prepare_sources(cfg)
+        self.tokenizer_id = tokenizer_fingerprint(sources[0])
+        self.method = build_method(cfg.method, eod_id=sources[0].eod)
+        # Validation loss is always plain NTP, so runs of different methods compare.
+        self.eval_method = NTPMethod()
         self.model = self._build_model()
+        self.reference = self._build_reference()
         self.optimizer, self.scheduler = self._build_optimizer()
         self._write_run_config()
         self.data = build_data(cfg, sources, self.global_batch_size)
@@ -141,6 +147,22 @@ class Trainer:
              f"{'TE' if use_te else 'local'} spec, {self.dtype}, layout TP{self.layout.tp} PP{self.layout.pp} DP{self.layout.dp}")
         return model
 
+    def _build_reference(self):
+        need = self.method.needs_reference
+        if need is None:
+            return None
+        ref_cfg = self.cfg.reference
+        if ref_cfg.mode != "colocated":
+            raise UserError(f"reference.mode={ref_cfg.mode} is not implemented yet", "use reference.mode=colocated")
+        if not ref_cfg.checkpoint:
+            raise UserError(f"method={self.cfg.method.name} needs a frozen reference model", "set reference.checkpoint=PATH (a run dir or checkpoint)")
+        from megatron_midtrain.reference.colocated import ColocatedReference
+
+        reference = ColocatedReference(self.cfg, self.tokenizer_id, self.dtype, have_transformer_engine())
+        log0(f"reference: {reference.path}, frozen, {reference.num_params / 1e6:.2f}M parameters and "
+             f"{reference.bytes / 2**20:.1f} MiB on rank 0's stage (no gradients, no optimizer state)")
+        return reference
+
     def _build_optimizer(self):
         cfg = self.cfg
         opt_cfg = McoreOptimizerConfig(
@@ -168,6 +190,7 @@ class Trainer:
             "global_batch_tokens": self.cfg.train.global_batch_tokens,
             "seq_length": self.cfg.data.seq_length,
             "method": self.cfg.method.name,
+            "tokenizer": self.tokenizer_id,
         }
 
     def _check_resumable(self) -> dict | None:
@@ -200,7 +223,7 @@ class Trainer:
     def _request_stop(self, signum, frame):  # noqa: ARG002
         self._stop_requested = True
 
-    def _forward_step(self, data_iterator, model):
+    def _forward_step(self, method, data_iterator, model):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         position_ids = batch["position_ids"].to(self.device, non_blocking=True)
@@ -210,22 +233,26 @@ class Trainer:
         output = model(tokens, position_ids, attention_mask)
         labels = batch["labels"].to(self.device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
-        return output, partial(self._loss_func, labels, loss_mask, batch)
+        return output, partial(self._loss_func, method, labels, loss_mask, batch)
 
-    def _loss_func(self, labels, loss_mask, extras, logits):
+    def _loss_func(self, method, labels, loss_mask, extras, logits):
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        loss_sum, num_tokens, report = self.method.loss(logits, labels, loss_mask, extras, tp_group)
+        loss_sum, num_tokens, report = method.loss(logits, labels, loss_mask, extras, tp_group)
         if self._inject_nonfinite:
             loss_sum = loss_sum * float("nan")
         report = dict(report)
         report["loss"] = torch.stack([loss_sum.detach().double(), num_tokens.double()])
         return loss_sum, num_tokens, report
 
-    def _run_batches(self, batches: StepBatches, step_index: int, forward_only: bool) -> dict:
+    def _run_batches(self, batches: StepBatches, step_index: int, forward_only: bool, method) -> dict:
+        micro_batches = batches.iterator(step_index)
+        if method.needs_reference == "target_logprobs":
+            ref = self.reference.target_logprobs(batches.iterator(step_index), batches.num_microbatches, self.device)
+            micro_batches = (dict(batch, ref_logprobs=r) for batch, r in zip(micro_batches, ref))
         forward_backward = get_forward_backward_func()
         reports = forward_backward(
-            forward_step_func=self._forward_step,
-            data_iterator=batches.iterator(step_index),
+            forward_step_func=partial(self._forward_step, method),
+            data_iterator=micro_batches,
             model=[self.model],
             num_microbatches=batches.num_microbatches,
             seq_length=self.cfg.data.seq_length,
@@ -233,9 +260,9 @@ class Trainer:
             decoder_seq_length=self.cfg.data.seq_length,
             forward_only=forward_only,
         )
-        return self._reduce_reports(reports)
+        return self._reduce_reports(reports, method)
 
-    def _reduce_reports(self, reports: list) -> dict:
+    def _reduce_reports(self, reports: list, method) -> dict:
         """Sum [sum, count] pairs over micro-batches and DP ranks; share them with every rank."""
         summed = None
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -249,7 +276,8 @@ class Trainer:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast_object_list(box, src=last, group=parallel_state.get_pipeline_model_parallel_group())
             summed = box[0]
-        return {k: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for k, v in summed.items()}
+        means = {k: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for k, v in summed.items()}
+        return method.finalize_report(means)
 
     def train_step(self) -> dict:
         step = self.step + 1
@@ -257,7 +285,7 @@ class Trainer:
         start = time.perf_counter()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        report = self._run_batches(self.train_batches, step - 1, forward_only=False)
+        report = self._run_batches(self.train_batches, step - 1, forward_only=False, method=self.method)
         loss = report["loss"]
         skipped = not math.isfinite(loss)
         grad_norm = float("nan")
@@ -291,7 +319,7 @@ class Trainer:
         with torch.no_grad():
             for i in range(self.cfg.train.eval_batches):
                 self._inject_nonfinite = False
-                totals.append(self._run_batches(self.valid_batches, i, forward_only=True)["loss"])
+                totals.append(self._run_batches(self.valid_batches, i, forward_only=True, method=self.eval_method)["loss"])
         self.model.train()
         return float(np.mean(totals))
 

@@ -1,0 +1,97 @@
+"""A frozen reference model co-located with the policy (same processes, same TP/PP sharding).
+
+Scheduling: before the policy's forward/backward of a step, the reference runs its
+own *forward-only pass of megatron's pipeline schedule* over the same micro-batches.
+Its last stage keeps only what the method needs per micro-batch (the target-token
+log-probs, ``[mbs, seq]`` fp32), which the policy's last stage then reads in its loss.
+
+Why a separate pass rather than interleaving the reference inside the policy's
+forward step: with PP > 1 the reference's activations have to travel through the
+pipeline exactly like the policy's, and megatron's schedule only moves one model's
+activations. A forward-only pass re-uses the schedule as is (no activation memory
+kept, no backward), works for any TP/PP, and its output is tiny. The price is one
+extra pipeline fill/drain per step, which shrinks with more micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_midtrain.errors import UserError
+from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config
+from megatron_midtrain.training import checkpoint as ckpt
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """Accept an ``iter_NNNNNNN`` directory, a ``checkpoints/`` root or a run directory."""
+    if os.path.isfile(os.path.join(path, ckpt.META)):
+        return path
+    for root in (path, ckpt.checkpoint_root(path)):
+        step = ckpt.latest_checkpoint(root)
+        if step is not None:
+            return os.path.join(root, f"iter_{step:07d}")
+    raise UserError(f"reference.checkpoint={path} holds no complete checkpoint", "point at a run dir, its checkpoints/ or an iter_NNNNNNN directory")
+
+
+class ColocatedReference:
+    """Frozen GPTModel stage: no gradients, no optimizer state, always in eval mode."""
+
+    def __init__(self, cfg, policy_tokenizer_id: str | None, dtype: torch.dtype, use_te: bool):
+        self.cfg = cfg
+        self.path = resolve_checkpoint_dir(cfg.reference.checkpoint)
+        meta = ckpt.read_meta(self.path)
+        # The reference must score exactly the policy's tokens: same architecture (so the same
+        # sharding and vocabulary) and the same tokenizer.
+        ckpt.check_compatible(meta, cfg.model, self.path, what="reference")
+        saved_tok = meta.get("tokenizer")
+        if saved_tok and policy_tokenizer_id and saved_tok != policy_tokenizer_id:
+            raise UserError(
+                f"reference {self.path} was trained with tokenizer {saved_tok}, the policy uses {policy_tokenizer_id}",
+                "use a reference that shares the policy's tokenizer",
+            )
+        self.config = build_transformer_config(cfg.model, cfg.parallel, dtype)
+        self.model = build_gpt_stage(cfg.model, self.config, cfg.data.seq_length, use_te)
+        if torch.cuda.is_available():
+            self.model.cuda(torch.cuda.current_device())
+        state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, self.path)
+        self.model.load_state_dict(state["model"])
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def _forward_step(self, device, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device)
+        position_ids = batch["position_ids"].to(device)
+        mask = batch.get("attention_mask")
+        output = model(tokens, position_ids, None if mask is None else mask.to(device))
+        return output, partial(self._collect, batch["labels"].to(device))
+
+    @staticmethod
+    def _collect(labels, logits):
+        logp = vocab_parallel_logprobs(logits, labels, parallel_state.get_tensor_model_parallel_group())
+        return logp.sum() * 0.0, torch.zeros((), dtype=torch.int), {"ref_logprobs": logp}
+
+    @torch.no_grad()
+    def target_logprobs(self, micro_batches, num_microbatches: int, device) -> list:
+        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere)."""
+        out = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, device),
+            data_iterator=micro_batches,
+            model=[self.model],
+            num_microbatches=num_microbatches,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            decoder_seq_length=self.cfg.data.seq_length,
+            forward_only=True,
+        )
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return [o["ref_logprobs"] for o in out]
+        return [None] * num_microbatches
