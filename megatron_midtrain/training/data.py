@@ -115,7 +115,10 @@ class StepBatches:
         for m in range(self.num_microbatches):
             ids = range(start + m * self.mbs, start + (m + 1) * self.mbs)
             samples = [self.dataset[i % len(self.dataset)] for i in ids]
-            yield collate(samples)
+            batch = collate(samples)
+            # Global sample ids: the key of per-sample side data such as offline reference scores.
+            batch["sample_ids"] = torch.tensor([i % len(self.dataset) for i in ids], dtype=torch.long)
+            yield batch
 
 
 def collate(samples: list[dict]) -> dict:

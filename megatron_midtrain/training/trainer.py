@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -69,6 +70,7 @@ class Trainer:
         resume_meta = self._check_resumable()
         sources = prepare_sources(cfg)
         self.tokenizer_id = tokenizer_fingerprint(sources[0])
+        self.tokenizer_path = sources[0].path
         self.method = build_method(cfg.method, eod_id=sources[0].eod)
         # Validation loss is always plain NTP, so runs of different methods compare.
         self.eval_method = NTPMethod()
@@ -152,8 +154,15 @@ class Trainer:
         if need is None:
             return None
         ref_cfg = self.cfg.reference
+        if ref_cfg.mode == "offline":
+            # Pre-scored log-probs (tools/score_reference.py): the reference is never built.
+            from megatron_midtrain.reference.offline import OfflineReference
+
+            reference = OfflineReference(self.cfg, self.tokenizer_id, self.global_batch_size)
+            log0(f"reference: offline scores from {reference.path}")
+            return reference
         if ref_cfg.mode != "colocated":
-            raise UserError(f"reference.mode={ref_cfg.mode} is not implemented yet", "use reference.mode=colocated")
+            raise UserError(f"reference.mode={ref_cfg.mode!r} is unknown", "use reference.mode=colocated or offline")
         if not ref_cfg.checkpoint:
             raise UserError(f"method={self.cfg.method.name} needs a frozen reference model", "set reference.checkpoint=PATH (a run dir or checkpoint)")
         from megatron_midtrain.reference.colocated import ColocatedReference
@@ -191,6 +200,10 @@ class Trainer:
             "seq_length": self.cfg.data.seq_length,
             "method": self.cfg.method.name,
             "tokenizer": self.tokenizer_id,
+            # Enough to rebuild the model and its tokenizer from the checkpoint alone (tools).
+            "model_config": dataclasses.asdict(self.cfg.model),
+            "tokenizer_path": self.tokenizer_path,
+            "seed": self.cfg.run.seed,
         }
 
     def _check_resumable(self) -> dict | None:
