@@ -275,6 +275,22 @@ class ReMiTMethodConfig(MethodConfig):
 
 
 @dataclass
+class Rho1MethodConfig(MethodConfig):
+    name: str = "rho1"
+    """RHO-1: NTP on the top keep_ratio tokens by excess loss -logp_theta + logp_ref (needs a reference)."""
+    keep_ratio: float = 0.8
+    """Fraction of the loss tokens kept."""
+    scope: str = "global"
+    """global: one threshold over the global batch (one extra forward pass); microbatch: per micro-batch."""
+
+    def __post_init__(self):
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise UserError(f"method.keep_ratio={self.keep_ratio} must be in (0, 1]", "e.g. method.keep_ratio=0.8")
+        if self.scope not in ("global", "microbatch"):
+            raise UserError(f"method.scope={self.scope!r} is unknown", "use global or microbatch")
+
+
+@dataclass
 class MidtrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory, seed, outputs."""
@@ -302,3 +318,4 @@ def register_configs() -> None:
     cs.store(name="midtrain_schema", node=MidtrainConfig)
     cs.store(group="method", name="ntp", node=NTPMethodConfig)
     cs.store(group="method", name="remit", node=ReMiTMethodConfig)
+    cs.store(group="method", name="rho1", node=Rho1MethodConfig)

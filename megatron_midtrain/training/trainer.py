@@ -39,6 +39,19 @@ def log0(msg: str) -> None:
         print(msg, flush=True)
 
 
+class _ScoreOnly:
+    """Adapter for a forward-only pass that returns a method's per-token scores as the report."""
+
+    needs_reference = None
+
+    def __init__(self, method):
+        self.method = method
+
+    def loss(self, logits, labels, loss_mask, extras, tp_group):
+        score = self.method.score(logits, labels, loss_mask, extras, tp_group)
+        return logits.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logits.device), {"score": score}
+
+
 class Trainer:
     def __init__(self, cfg):
         """``cfg``: a validated :class:`MidtrainConfig` (see config/loader.py)."""
@@ -257,22 +270,42 @@ class Trainer:
         report["loss"] = torch.stack([loss_sum.detach().double(), num_tokens.double()])
         return loss_sum, num_tokens, report
 
-    def _run_batches(self, batches: StepBatches, step_index: int, forward_only: bool, method) -> dict:
-        micro_batches = batches.iterator(step_index)
+    def _method_extras(self, batches: StepBatches, step_index: int, forward_only: bool, method) -> list[dict]:
+        """Per-micro-batch inputs a method needs beyond the data (reference scores, selections)."""
+        extras = [{} for _ in range(batches.num_microbatches)]
         if method.needs_reference == "target_logprobs":
             ref = self.reference.target_logprobs(batches.iterator(step_index), batches.num_microbatches, self.device)
-            micro_batches = (dict(batch, ref_logprobs=r) for batch, r in zip(micro_batches, ref))
-        forward_backward = get_forward_backward_func()
-        reports = forward_backward(
+            for extra, r in zip(extras, ref):
+                extra["ref_logprobs"] = r
+        if getattr(method, "needs_policy_prepass", False) and not forward_only:
+            # A forward-only policy pass scores every token of the global batch first
+            # (e.g. RHO-1's global top-k); the method turns the scores into per-micro-batch inputs.
+            scoring = _ScoreOnly(method)
+            micro_batches = (dict(b, **e) for b, e in zip(batches.iterator(step_index), extras))
+            reports = self._schedule(micro_batches, batches.num_microbatches, True, scoring)
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+                masks = [b["loss_mask"] for b in batches.iterator(step_index)]
+                selected = method.select([r["score"] for r in reports], masks, parallel_state.get_data_parallel_group())
+                for extra, sel in zip(extras, selected):
+                    extra.update(sel)
+        return extras
+
+    def _schedule(self, micro_batches, num_microbatches: int, forward_only: bool, method) -> list:
+        return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, method),
             data_iterator=micro_batches,
             model=[self.model],
-            num_microbatches=batches.num_microbatches,
+            num_microbatches=num_microbatches,
             seq_length=self.cfg.data.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
             decoder_seq_length=self.cfg.data.seq_length,
             forward_only=forward_only,
         )
+
+    def _run_batches(self, batches: StepBatches, step_index: int, forward_only: bool, method) -> dict:
+        extras = self._method_extras(batches, step_index, forward_only, method)
+        micro_batches = (dict(batch, **extra) for batch, extra in zip(batches.iterator(step_index), extras))
+        reports = self._schedule(micro_batches, batches.num_microbatches, forward_only, method)
         return self._reduce_reports(reports, method)
 
     def _reduce_reports(self, reports: list, method) -> dict:
