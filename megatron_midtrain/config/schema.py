@@ -291,6 +291,22 @@ class Rho1MethodConfig(MethodConfig):
 
 
 @dataclass
+class KDMethodConfig(MethodConfig):
+    name: str = "kd"
+    """Knowledge distillation: forward KL from the reference (teacher) over the full vocabulary."""
+    temperature: float = 1.0
+    """Softmax temperature T of teacher and student (the KD term is scaled by T^2)."""
+    alpha: float = 1.0
+    """Mix: alpha * KD + (1 - alpha) * NTP."""
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise UserError(f"method.temperature={self.temperature} must be > 0", "e.g. method.temperature=1.0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"method.alpha={self.alpha} must be in [0, 1]", "e.g. method.alpha=0.5")
+
+
+@dataclass
 class MidtrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory, seed, outputs."""
@@ -319,3 +335,4 @@ def register_configs() -> None:
     cs.store(group="method", name="ntp", node=NTPMethodConfig)
     cs.store(group="method", name="remit", node=ReMiTMethodConfig)
     cs.store(group="method", name="rho1", node=Rho1MethodConfig)
+    cs.store(group="method", name="kd", node=KDMethodConfig)

@@ -75,7 +75,9 @@ class ColocatedReference:
         return output, partial(self._collect, batch["labels"].to(device))
 
     @staticmethod
-    def _collect(labels, logits):
+    def _collect(labels, logits, non_loss_data=False):
+        if non_loss_data:  # final_hidden(): the "logits" are the pre-output-layer hidden states
+            return logits
         logp = vocab_parallel_logprobs(logits, labels, parallel_state.get_tensor_model_parallel_group())
         return logp.sum() * 0.0, torch.zeros((), dtype=torch.int), {"ref_logprobs": logp}
 
@@ -95,3 +97,40 @@ class ColocatedReference:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return [o["ref_logprobs"] for o in out]
         return [None] * num_microbatches
+
+    @torch.no_grad()
+    def final_hidden(self, micro_batches, num_microbatches: int, device) -> list:
+        """Reference hidden states before the output layer ([b, s, h]) per micro-batch, on the last stage.
+
+        For full-distribution methods (KD): hidden states are vocab/hidden times smaller than
+        logits, so they are what is kept between the reference pass and the policy's loss, where
+        :meth:`logits_from_hidden` turns one micro-batch at a time into a logits shard.
+        """
+        layer = getattr(self.model, "output_layer", None)
+        if layer is not None:
+            layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
+        try:
+            out = get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, device),
+                data_iterator=micro_batches,
+                model=[self.model],
+                num_microbatches=num_microbatches,
+                seq_length=self.cfg.data.seq_length,
+                micro_batch_size=self.cfg.train.micro_batch_size,
+                decoder_seq_length=self.cfg.data.seq_length,
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
+        finally:
+            if layer is not None:
+                del layer.forward  # back to the class's forward
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return list(out)
+        return [None] * num_microbatches
+
+    @torch.no_grad()
+    def logits_from_hidden(self, hidden):
+        """[b, s, h] reference hidden states -> [b, s, V/tp] logits shard (reference output layer)."""
+        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
+        logits, _ = self.model.output_layer(hidden.transpose(0, 1), weight=weight)
+        return logits.transpose(0, 1)

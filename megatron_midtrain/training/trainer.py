@@ -167,6 +167,11 @@ class Trainer:
         if need is None:
             return None
         ref_cfg = self.cfg.reference
+        if ref_cfg.mode == "offline" and need != "target_logprobs":
+            raise UserError(
+                f"method={self.cfg.method.name} needs the reference's full distribution, which the offline store does not keep",
+                "use reference.mode=colocated",
+            )
         if ref_cfg.mode == "offline":
             # Pre-scored log-probs (tools/score_reference.py): the reference is never built.
             from megatron_midtrain.reference.offline import OfflineReference
@@ -277,6 +282,11 @@ class Trainer:
             ref = self.reference.target_logprobs(batches.iterator(step_index), batches.num_microbatches, self.device)
             for extra, r in zip(extras, ref):
                 extra["ref_logprobs"] = r
+        elif method.needs_reference == "logits":
+            hidden = self.reference.final_hidden(batches.iterator(step_index), batches.num_microbatches, self.device)
+            for extra, h in zip(extras, hidden):
+                extra["ref_hidden"] = h
+                extra["ref_logits_fn"] = self.reference.logits_from_hidden
         if getattr(method, "needs_policy_prepass", False) and not forward_only:
             # A forward-only policy pass scores every token of the global batch first
             # (e.g. RHO-1's global top-k); the method turns the scores into per-micro-batch inputs.
