@@ -23,9 +23,10 @@ register_configs()
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
 @exit_on_user_error  # inside Hydra too: its own handler would print a multi-line report
 def _run(cfg) -> None:
+    from megatron_midtrain.training.demo_models import with_demo_reference
     from megatron_midtrain.training.trainer import Trainer
 
-    trainer = Trainer(to_dataclass(cfg))
+    trainer = Trainer(with_demo_reference(to_dataclass(cfg)))
     try:
         trainer.train()
     finally:

@@ -10,12 +10,12 @@ import pytest
 
 from megatron_midtrain.config.schema import MidtrainConfig, ModelConfig, ParallelConfig
 from megatron_midtrain.errors import UserError
-from megatron_midtrain.testing.runs import TEST_OVERRIDES
+from megatron_midtrain.testing.runs import with_test_defaults
 from megatron_midtrain.training.distributed import check_layout
 
 
 def midtrain(*overrides, env=None):
-    cmd = [sys.executable, "-m", "megatron_midtrain.train", *TEST_OVERRIDES, *overrides]
+    cmd = [sys.executable, "-m", "megatron_midtrain.train", *with_test_defaults(list(overrides))]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 

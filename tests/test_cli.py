@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from megatron_midtrain.testing.distributed import free_port
-from megatron_midtrain.testing.runs import TEST_OVERRIDES
+from megatron_midtrain.testing.runs import with_test_defaults
 
 REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens"}
 
@@ -18,7 +18,7 @@ def test_torchrun_writes_one_run_dir_with_all_outputs(tmp_path):
     # that start at different moments still write into a single directory.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "megatron_midtrain.train", *[o for o in TEST_OVERRIDES if not o.startswith("run.plot")],
+           "-m", "megatron_midtrain.train", *[o for o in with_test_defaults([]) if not o.startswith("run.plot")],
            "run.name=e2e", "train.max_steps=3", "train.eval_interval=3", "train.log_interval=1", "parallel.tp=2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -45,7 +45,7 @@ def test_torchrun_writes_one_run_dir_with_all_outputs(tmp_path):
 
 
 def test_rerun_of_finished_run_is_a_no_op(tmp_path):
-    cmd = [sys.executable, "-m", "megatron_midtrain.train", *TEST_OVERRIDES, "train.max_steps=2", f"run.dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "megatron_midtrain.train", *with_test_defaults(["train.max_steps=2", f"run.dir={tmp_path}"])]
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
     before = (tmp_path / "metrics.jsonl").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from megatron_midtrain.testing.distributed import run_distributed
-from megatron_midtrain.testing.runs import TEST_OVERRIDES, train_and_report, validation_loss
+from megatron_midtrain.testing.runs import train_and_report, validation_loss, with_test_defaults
 from megatron_midtrain.training.checkpoint import complete_checkpoints
 from megatron_midtrain.training.metrics import read_metrics
 
@@ -39,7 +39,7 @@ def test_clean_stop_and_resume_is_exact(uninterrupted, tmp_path):
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(uninterrupted, tmp_path):
-    overrides = TEST_OVERRIDES + [f"train.max_steps={STEPS}", f"run.dir={tmp_path}", "train.save_interval=3"]
+    overrides = with_test_defaults([f"train.max_steps={STEPS}", f"run.dir={tmp_path}", "train.save_interval=3"])
     cmd = [sys.executable, "-m", "megatron_midtrain.train", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = tmp_path / "metrics.jsonl"

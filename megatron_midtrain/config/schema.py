@@ -164,7 +164,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 150
     """Optimizer steps. Re-running a run.dir with a larger value resumes and continues."""
     global_batch_tokens: int = 4096
     """Tokens per optimizer step (global batch); must be a multiple of data.seq_length * micro_batch_size * DP."""
@@ -186,6 +186,9 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
     max_consecutive_nonfinite: int = 3
     """A NaN/inf loss skips the step; this many in a row stops the run."""
+    init_from: Optional[str] = None
+    """Start a fresh run from this checkpoint's model weights (a run dir or checkpoint; the
+    optimizer and LR schedule start fresh). Ignored when run.dir already has a checkpoint."""
     exit_at_step: Optional[int] = None
     """Stop cleanly after this step (checkpoint written) without changing the LR schedule,
     e.g. to split a run across SLURM allocations. SIGTERM/SIGUSR1 do the same at the next step."""

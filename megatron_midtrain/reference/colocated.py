@@ -15,28 +15,17 @@ extra pipeline fill/drain per step, which shrinks with more micro-batches.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_midtrain.errors import UserError
 from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config
 from megatron_midtrain.training import checkpoint as ckpt
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """Accept an ``iter_NNNNNNN`` directory, a ``checkpoints/`` root or a run directory."""
-    if os.path.isfile(os.path.join(path, ckpt.META)):
-        return path
-    for root in (path, ckpt.checkpoint_root(path)):
-        step = ckpt.latest_checkpoint(root)
-        if step is not None:
-            return os.path.join(root, f"iter_{step:07d}")
-    raise UserError(f"reference.checkpoint={path} holds no complete checkpoint", "point at a run dir, its checkpoints/ or an iter_NNNNNNN directory")
+from megatron_midtrain.training.checkpoint import resolve_checkpoint_dir  # noqa: F401  (re-export for tools)
 
 
 class ColocatedReference:
@@ -44,23 +33,20 @@ class ColocatedReference:
 
     def __init__(self, cfg, policy_tokenizer_id: str | None, dtype: torch.dtype, use_te: bool):
         self.cfg = cfg
-        self.path = resolve_checkpoint_dir(cfg.reference.checkpoint)
-        meta = ckpt.read_meta(self.path)
+        self.path = ckpt.resolve_checkpoint_dir(cfg.reference.checkpoint, what="reference.checkpoint")
+        self.config = build_transformer_config(cfg.model, cfg.parallel, dtype)
+        self.model = build_gpt_stage(cfg.model, self.config, cfg.data.seq_length, use_te)
+        if torch.cuda.is_available():
+            self.model.cuda(torch.cuda.current_device())
         # The reference must score exactly the policy's tokens: same architecture (so the same
-        # sharding and vocabulary) and the same tokenizer.
-        ckpt.check_compatible(meta, cfg.model, self.path, what="reference")
+        # sharding and vocabulary, checked while loading) and the same tokenizer.
+        meta = ckpt.load_model_weights(self.path, self.model, cfg.model, what="reference")
         saved_tok = meta.get("tokenizer")
         if saved_tok and policy_tokenizer_id and saved_tok != policy_tokenizer_id:
             raise UserError(
                 f"reference {self.path} was trained with tokenizer {saved_tok}, the policy uses {policy_tokenizer_id}",
                 "use a reference that shares the policy's tokenizer",
             )
-        self.config = build_transformer_config(cfg.model, cfg.parallel, dtype)
-        self.model = build_gpt_stage(cfg.model, self.config, cfg.data.seq_length, use_te)
-        if torch.cuda.is_available():
-            self.model.cuda(torch.cuda.current_device())
-        state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, self.path)
-        self.model.load_state_dict(state["model"])
         self.model.requires_grad_(False)
         self.model.eval()
         self.num_params = sum(p.numel() for p in self.model.parameters())

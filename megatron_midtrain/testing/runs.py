@@ -12,6 +12,12 @@ TEST_OVERRIDES = [
 ]
 
 
+def with_test_defaults(overrides: list[str]) -> list[str]:
+    """TEST_OVERRIDES + ``overrides``; the method is NTP unless the overrides choose one."""
+    chosen = any(o.startswith("method=") for o in overrides)
+    return TEST_OVERRIDES + ([] if chosen else ["method=ntp"]) + list(overrides)
+
+
 def train_and_report(overrides: list[str]) -> dict:
     """Train with ``overrides``; return rank 0's per-step losses/grad norms (others return {})."""
     import torch.distributed as dist
@@ -20,7 +26,7 @@ def train_and_report(overrides: list[str]) -> dict:
     from megatron_midtrain.training.metrics import read_metrics
     from megatron_midtrain.training.trainer import Trainer
 
-    cfg = load_config(TEST_OVERRIDES + list(overrides))
+    cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
     try:
         trainer.train()
@@ -38,7 +44,7 @@ def validation_loss(overrides: list[str]) -> float:
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.training.trainer import Trainer
 
-    cfg = load_config(TEST_OVERRIDES + list(overrides))
+    cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
     try:
         return trainer.evaluate()
@@ -53,7 +59,7 @@ def save_initial_checkpoint(overrides: list[str]) -> str:
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.training.trainer import Trainer
 
-    cfg = load_config(TEST_OVERRIDES + list(overrides))
+    cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
     try:
         trainer.save()

@@ -173,6 +173,26 @@ def check_compatible(meta: dict, model_cfg, ckpt_dir: str, what: str = "checkpoi
             raise UserError(f"{what} {ckpt_dir} has model.{key}={saved[key]} but the config has {current[key]}", fix)
 
 
+def resolve_checkpoint_dir(path: str, what: str = "checkpoint") -> str:
+    """Accept an ``iter_NNNNNNN`` directory, a ``checkpoints/`` root or a run directory."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    for root in (path, checkpoint_root(path)):
+        step = latest_checkpoint(root)
+        if step is not None:
+            return os.path.join(root, f"iter_{step:07d}")
+    raise UserError(f"{what} {path} holds no complete checkpoint", "point at a run dir, its checkpoints/ or an iter_NNNNNNN directory")
+
+
+def load_model_weights(ckpt_dir: str, model, model_cfg, what: str = "checkpoint") -> dict:
+    """Collective: load only the model weights (any TP/PP layout). Returns meta.json."""
+    meta = read_meta(ckpt_dir)
+    check_compatible(meta, model_cfg, ckpt_dir, what=what)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
+    model.load_state_dict(loaded["model"])
+    return meta
+
+
 def load_checkpoint(ckpt_dir: str, model, optimizer, scheduler, model_cfg, load_optimizer: bool = True) -> dict:
     """Collective load into the (already built) model/optimizer/scheduler. Returns meta.json."""
     meta = read_meta(ckpt_dir)

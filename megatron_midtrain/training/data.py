@@ -43,7 +43,9 @@ def resolve_sources(cfg) -> tuple[str, list[str], list[float] | None]:
 
     assets = ensure_demo_assets(cfg.run.cache_dir or default_cache_dir())
     w = data.demo_math_weight
-    return data.tokenizer or str(assets.tokenizer_path), [str(assets.prose_prefix), str(assets.math_prefix)], [1.0 - w, w]
+    # megatron's blend rejects zero weights: leave such datasets out.
+    pairs = [(p, x) for p, x in ((str(assets.prose_prefix), 1.0 - w), (str(assets.math_prefix), w)) if x > 0]
+    return data.tokenizer or str(assets.tokenizer_path), [p for p, _ in pairs], [x for _, x in pairs]
 
 
 def prepare_sources(cfg) -> tuple[object, list[str], list[float] | None]:

@@ -230,6 +230,9 @@ class Trainer:
         root = ckpt.checkpoint_root(self.run_dir)
         step = broadcast_object(ckpt.latest_checkpoint(root) if self.rank0 else None)
         if step is None:
+            if self.cfg.train.init_from:  # fail on a bad init checkpoint before writing anything
+                path = ckpt.resolve_checkpoint_dir(self.cfg.train.init_from, what="train.init_from")
+                ckpt.check_compatible(ckpt.read_meta(path), self.cfg.model, path, what="train.init_from")
             return None
         path = os.path.join(root, f"iter_{step:07d}")
         meta = ckpt.read_meta(path)
@@ -245,6 +248,10 @@ class Trainer:
 
     def _resume(self, meta: dict | None) -> int:
         if meta is None:
+            if self.cfg.train.init_from:
+                path = ckpt.resolve_checkpoint_dir(self.cfg.train.init_from, what="train.init_from")
+                ckpt.load_model_weights(path, self.model.module, self.cfg.model, what="train.init_from")
+                log0(f"initialised the model from {path}")
             return 0
         ckpt.load_checkpoint(meta["path"], self.model.module, self.optimizer, self.scheduler, self.cfg.model)
         log0(f"resumed from {meta['path']} (step {meta['step']})")

@@ -1,0 +1,46 @@
+"""The embedded demo's ReMiT path: base + SFT-style reference built on first use, then reused."""
+
+import os
+
+import yaml
+
+from megatron_midtrain.testing.distributed import run_distributed
+
+
+def _demo_remit(run_dir, cache_dir):
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.testing.runs import TEST_OVERRIDES
+    from megatron_midtrain.training import demo_models
+    from megatron_midtrain.training.metrics import read_metrics
+    from megatron_midtrain.training.trainer import Trainer
+
+    demo_models.BASE_STEPS, demo_models.REFERENCE_STEPS = 3, 2  # tiny, for the test
+    cfg = load_config(TEST_OVERRIDES + [f"run.dir={run_dir}", f"run.cache_dir={cache_dir}", "train.max_steps=2"])
+    assert cfg.method.name == "remit"  # the default method
+    cfg = demo_models.with_demo_reference(cfg)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return {"reference": cfg.reference.checkpoint, "init_from": cfg.train.init_from, "records": read_metrics(run_dir)}
+
+
+def test_default_method_on_demo_builds_and_uses_demo_reference(tmp_path):
+    from megatron_midtrain.data.demo import ensure_demo_assets
+
+    cache = os.environ["MIDTRAIN_CACHE"]
+    ensure_demo_assets(cache)
+    out = run_distributed(_demo_remit, 2, str(tmp_path / "run"), cache)[0]
+    base, ref = out["init_from"], out["reference"]
+    assert os.path.basename(base) == "base" and os.path.basename(ref) == "reference"
+    ref_cfg = yaml.safe_load(open(os.path.join(ref, "config.yaml")))
+    assert ref_cfg["data"]["demo_math_weight"] == 1.0 and ref_cfg["train"]["init_from"] == base
+    records = out["records"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert {"remit/w_mean", "remit/w_std", "remit/frac_low", "remit/frac_high", "remit/delta_mean"} <= records[0].keys()
+    assert records[0]["remit/w_std"] > 0  # the reference really differs from the policy
+    # second use: nothing is rebuilt (the cached checkpoints are reused as they are)
+    mtime = os.path.getmtime(os.path.join(ref, "checkpoints", "latest"))
+    out2 = run_distributed(_demo_remit, 1, str(tmp_path / "run2"), cache)[0]
+    assert out2["reference"] == ref and os.path.getmtime(os.path.join(ref, "checkpoints", "latest")) == mtime
