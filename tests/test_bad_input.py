@@ -125,3 +125,13 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
 def test_reset_position_ids_is_refused(tmp_path):
     proc = midtrain("data.reset_position_ids=true", f"run.dir={tmp_path}/run")
     assert_one_line_error(proc, "reset_position_ids", "reset_attention_mask")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU-only machines")
+def test_fp8_reference_is_refused_without_a_gpu():
+    from megatron_midtrain.config.schema import ReferenceConfig
+
+    cfg = MidtrainConfig(reference=ReferenceConfig(fp8=True), method=None)
+    with pytest.raises(UserError, match="reference.fp8") as err:
+        check_layout(cfg, 1)
+    assert "\n" not in str(err.value) and "fix:" in str(err.value)

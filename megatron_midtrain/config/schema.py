@@ -238,14 +238,26 @@ class ScheduleConfig:
 
 @dataclass
 class ReferenceConfig:
-    checkpoint: Optional[str] = None
-    """Frozen reference model checkpoint for the reference-based methods (ReMiT, RHO-1, KD).
-    Reserved: no method in this release reads the reference group yet."""
-    mode: str = "colocated"
-    """colocated (run the reference in the same processes) or offline (read pre-scored log-probs). Reserved."""
-    scores: Optional[str] = None
-    """Offline mode: path of a pre-scored log-prob store. Reserved."""
+    """The frozen reference model of the reference-based methods (ReMiT, RHO-1, KD)."""
 
+    checkpoint: Optional[str] = None
+    """Reference checkpoint (a run dir or an iter_* dir). Same architecture, vocabulary and
+    tokenizer as the policy, checked at start. On the demo data, left unset, the cached demo
+    reference is built and used. Loaded co-located: same processes, same TP/PP sharding,
+    frozen, eval mode, no gradients or optimizer state."""
+    mode: str = "colocated"
+    """colocated: run the reference forward inside the training job (one forward-only
+    pipeline pass per step before the policy's). offline: read the target-token log-probs
+    that tools/score_reference.py stored for exactly these training samples; the reference
+    model is never built (ReMiT and RHO-1; KD needs the full distribution, so it refuses offline)."""
+    scores: Optional[str] = None
+    """Offline mode: the score store directory written by tools/score_reference.py. It must
+    have been scored with this run's data, seed, sequence length, global batch and tokenizer."""
+    fp8: bool = False
+    """Co-located mode on GPUs with Transformer Engine: run the reference's GEMMs in fp8
+    (E4M3, megatron's delayed-scaling recipe); weights stay in the policy's dtype. Saves
+    reference compute, at a small cost in log-prob precision. Refused without CUDA + TE.
+    Not yet validated on a GPU."""
 
 @dataclass
 class MethodConfig:

@@ -15,6 +15,7 @@ extra pipeline fill/drain per step, which shrinks with more micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -35,6 +36,11 @@ class ColocatedReference:
         self.cfg = cfg
         self.path = ckpt.resolve_checkpoint_dir(cfg.reference.checkpoint, what="reference.checkpoint")
         self.config = build_transformer_config(cfg.model, cfg.parallel, dtype)
+        if cfg.reference.fp8:
+            if not (use_te and torch.cuda.is_available()):
+                raise UserError("reference.fp8=true needs a GPU with Transformer Engine", "set reference.fp8=false")
+            # TE's layers read config.fp8 at forward time (megatron wraps the block in its fp8 context).
+            self.config = dataclasses.replace(self.config, fp8="e4m3", fp8_recipe="delayed")
         self.model = build_gpt_stage(cfg.model, self.config, cfg.data.seq_length, use_te)
         if torch.cuda.is_available():
             self.model.cuda(torch.cuda.current_device())

@@ -70,7 +70,7 @@ def _train_stage(stage_cfg: MidtrainConfig, label: str) -> str:
     try:
         trainer.train()
     finally:
-        trainer.close()
+        trainer.close(keep_distributed=True)  # the main run reuses the same process groups
     return stage_cfg.run.dir
 
 

@@ -66,6 +66,8 @@ def check_layout(cfg, world: int) -> int:
             "parallel.distributed_optimizer=true needs CUDA (megatron's DistributedOptimizer checks for CUDA tensors)",
             "set parallel.distributed_optimizer=false on the CPU",
         )
+    if cfg.reference.fp8 and not torch.cuda.is_available():
+        raise UserError("reference.fp8=true needs a GPU with Transformer Engine", "set reference.fp8=false on the CPU")
     if p.cp > 1 and not torch.cuda.is_available():
         raise UserError("parallel.cp > 1 needs GPUs with Transformer Engine", "use parallel.cp=1 on the CPU")
     return world // model_parallel

@@ -442,7 +442,11 @@ class Trainer:
                 return
         log0(f"done: {self.step} steps, outputs in {self.run_dir}")
 
-    def close(self) -> None:
+    def close(self, keep_distributed: bool = False) -> None:
+        """Flush outputs and tear down torch.distributed, unless another Trainer follows in
+        this process (demo model stages): re-creating gloo groups right after destroying
+        them races between ranks and can fail with "connection refused"."""
         if self.metrics is not None:
             self.metrics.close()
-        shutdown()
+        if not keep_distributed:
+            shutdown()
