@@ -5,7 +5,6 @@ import torch
 
 from megatron_midtrain.losses.kd import vocab_parallel_soft_cross_entropy
 from megatron_midtrain.testing.distributed import run_distributed
-from megatron_midtrain.testing.runs import train_and_report
 
 
 def _reference(student, teacher, temperature):
@@ -54,26 +53,10 @@ def test_soft_ce_vocab_parallel_two_ranks():
         assert max(errors) < 1e-5, errors
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("kd_teacher")
-    run_distributed(train_and_report, 1, [f"run.dir={run_dir}", "train.max_steps=4", "optimizer.lr=1e-2", "run.seed=7"])
-    return str(run_dir)
-
-
-STEPS = 4
-KD = ["method=kd", "method.temperature=2.0", "method.alpha=0.5", f"train.max_steps={STEPS}"]
-
-
-@pytest.fixture(scope="module")
-def baseline(teacher, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("kd_tp1")
-    return run_distributed(train_and_report, 1, KD + [f"reference.checkpoint={teacher}", f"run.dir={run_dir}"])[0]["records"]
-
-
-@pytest.mark.parametrize("world,layout", [(4, ["parallel.tp=2", "parallel.pp=2"]), (2, [])], ids=["tp2pp2", "dp2"])
-def test_kd_is_layout_invariant(world, layout, teacher, baseline, tmp_path):
-    records = run_distributed(train_and_report, world, layout + KD + [f"reference.checkpoint={teacher}", f"run.dir={tmp_path}"])[0]["records"]
+@pytest.mark.parametrize("layout", ["tp2pp2", "dp2"])
+def test_kd_is_layout_invariant(layout, layout_runs):
+    baseline, records = layout_runs("tp1")["kd"], layout_runs(layout)["kd"]
+    assert [r["step"] for r in records] == [r["step"] for r in baseline] == list(range(1, 5))
     for ref, got in zip(baseline, records):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), ref["step"]
         assert got["kd/kl"] == pytest.approx(ref["kd/kl"], rel=1e-4)

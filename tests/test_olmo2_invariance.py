@@ -3,20 +3,12 @@
 import pytest
 
 from megatron_midtrain.testing.distributed import run_distributed
-from megatron_midtrain.testing.runs import train_and_report
 
-STEPS = 4
-COMMON = ["model=olmo2_tiny", f"train.max_steps={STEPS}"]
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    return run_distributed(train_and_report, 1, COMMON + [f"run.dir={tmp_path_factory.mktemp('olmo_tp1')}"])[0]["records"]
-
-
-@pytest.mark.parametrize("world,layout", [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"])])
-def test_olmo2_layout_invariance(world, layout, baseline, tmp_path):
-    records = run_distributed(train_and_report, world, COMMON + layout + [f"run.dir={tmp_path}"])[0]["records"]
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_olmo2_layout_invariance(layout, layout_runs):
+    """model=olmo2_tiny, 4 steps (conftest EXPERIMENTS), against TP1."""
+    baseline, records = layout_runs("tp1")["olmo2"], layout_runs(layout)["olmo2"]
+    assert [r["step"] for r in records] == [r["step"] for r in baseline] == [1, 2, 3, 4]
     # Step 1 checks the TP backward (incl. the all-reduced QK-norm statistic) before any
     # optimizer drift: the gradient norm must agree to fp32 round-off.
     assert records[0]["grad_norm"] == pytest.approx(baseline[0]["grad_norm"], rel=1e-5)

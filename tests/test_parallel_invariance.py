@@ -1,32 +1,18 @@
-"""Same config + seed => same per-step losses under any TP/PP/DP layout (gloo, CPU)."""
+"""Same config + seed => same per-step losses under any TP/PP/DP layout (gloo, CPU).
+
+The runs come from conftest's ``layout_runs`` (one spawned world per layout, shared with the
+OLMo-2 and method invariance tests).
+"""
 
 import pytest
 
-from megatron_midtrain.testing.distributed import run_distributed
-from megatron_midtrain.testing.runs import train_and_report
-
 STEPS = 6
-LAYOUTS = {
-    "tp2": (2, ["parallel.tp=2"]),
-    "pp2": (2, ["parallel.pp=2"]),
-    "dp2": (2, []),
-    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
-}
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tp1pp1")
-    out = run_distributed(train_and_report, 1, [f"train.max_steps={STEPS}", f"run.dir={run_dir}"])
-    return out[0]["records"]
-
-
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_losses_match_single_process(name, baseline, tmp_path):
-    world, overrides = LAYOUTS[name]
-    out = run_distributed(train_and_report, world, overrides + [f"train.max_steps={STEPS}", f"run.dir={tmp_path}"])
-    records = out[0]["records"]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2", "tp2pp2"])
+def test_losses_match_single_process(name, layout_runs):
+    baseline, records = layout_runs("tp1")["ntp"], layout_runs(name)["ntp"]
+    assert [r["step"] for r in records] == [r["step"] for r in baseline] == list(range(1, STEPS + 1))
     worst = max(abs(got["loss"] - ref["loss"]) / abs(ref["loss"]) for ref, got in zip(baseline, records))
     print(f"{name}: max relative loss difference vs TP1/PP1 over {STEPS} steps = {worst:.2e}")
     for ref, got in zip(baseline, records):

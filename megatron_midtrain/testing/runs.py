@@ -18,7 +18,7 @@ def with_test_defaults(overrides: list[str]) -> list[str]:
     return TEST_OVERRIDES + ([] if chosen else ["method=ntp"]) + list(overrides)
 
 
-def train_and_report(overrides: list[str]) -> dict:
+def train_and_report(overrides: list[str], keep_distributed: bool = False) -> dict:
     """Train with ``overrides``; return rank 0's per-step losses/grad norms (others return {})."""
     import torch.distributed as dist
 
@@ -32,7 +32,7 @@ def train_and_report(overrides: list[str]) -> dict:
         trainer.train()
         rank0 = dist.get_rank() == 0
     finally:
-        trainer.close()
+        trainer.close(keep_distributed=keep_distributed)
     if not rank0:
         return {}
     records = read_metrics(cfg.run.dir)
@@ -52,7 +52,7 @@ def validation_loss(overrides: list[str]) -> float:
         trainer.close()
 
 
-def save_initial_checkpoint(overrides: list[str]) -> str:
+def save_initial_checkpoint(overrides: list[str], keep_distributed: bool = False) -> str:
     """Build the trainer (seeded init, no step taken) and save it as step 0; return its path."""
     import os
 
@@ -64,5 +64,21 @@ def save_initial_checkpoint(overrides: list[str]) -> str:
     try:
         trainer.save()
     finally:
-        trainer.close()
+        trainer.close(keep_distributed=keep_distributed)
     return os.path.join(cfg.run.dir, "checkpoints", "iter_0000000")
+
+
+JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint}
+
+
+def run_jobs(jobs: list[tuple[str, list[str]]]) -> list:
+    """Run several jobs (``("train" | "save_initial", overrides)``) one after the other in this
+    process, reusing one set of process groups (all jobs must share the TP/PP layout).
+
+    Spawning and importing megatron costs seconds per rank on a small CPU machine; tests that
+    compare several runs of one layout use this to pay it once.
+    """
+    out = []
+    for i, (kind, overrides) in enumerate(jobs):
+        out.append(JOBS[kind](overrides, keep_distributed=i < len(jobs) - 1))
+    return out

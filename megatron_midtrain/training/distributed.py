@@ -99,7 +99,13 @@ def init_distributed(cfg) -> Layout:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     from megatron.core import parallel_state
 
-    if not parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
+        # A previous Trainer in this process (demo model stages, tests) left its groups: reuse
+        # them only if they have this run's layout.
+        have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+        if have != (cfg.parallel.tp, cfg.parallel.pp):
+            raise RuntimeError(f"process groups exist for TP{have[0]} PP{have[1]}, this run needs TP{cfg.parallel.tp} PP{cfg.parallel.pp}")
+    else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tp,
             pipeline_model_parallel_size=cfg.parallel.pp,
