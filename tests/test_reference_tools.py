@@ -161,6 +161,19 @@ def test_token_delta_report_matches_direct_logprobs(world, texts_file, tmp_path)
     assert "<script" not in page and "http" not in body  # self-contained
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs a headless Chromium (apt-get install chromium)")
+def test_token_delta_report_renders_in_headless_chromium(world, texts_file, tmp_path):
+    proc = _run_tool("token_delta_report", "--base", world["base"], "--ref", world["ref"], "--input", texts_file,
+                     "--json-key", "body", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    png = tmp_path / "report.png"
+    shot = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,600",
+                           f"--screenshot={png}", (tmp_path / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000  # a real, non-blank render
+
+
 def test_identical_models_give_zero_delta_and_unit_weights(world, texts_file, tmp_path):
     base = world["base"]
     proc = _run_tool("token_delta_report", "--base", base, "--ref", base, "--input", texts_file,
