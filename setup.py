@@ -37,10 +37,14 @@ setup(
     extras_require={
         # Needs a CUDA build; the NGC PyTorch image already brings it (see Dockerfile).
         "gpu": ["transformer-engine>=2.0"],
-        "hf": ["transformers>=4.45", "tokenizers>=0.20", "safetensors>=0.4"],
+        # HF checkpoint conversion + tokenizer.json (SmolLM3 needs transformers >= 4.54).
+        "hf": ["transformers>=4.54", "tokenizers>=0.20", "safetensors>=0.4"],
+        # lm-evaluation-harness (tools/evaluate.py, lm_eval.tasks during training); accelerate is
+        # what the harness's own "hf" model class imports.
+        "eval": ["lm_eval>=0.4.8,<0.5", "accelerate>=1.0"],
         "slurm": ["hydra-submitit-launcher==1.2.0"],
         "tensorboard": ["tensorboard>=2.14"],
-        "dev": ["pytest>=8", "tokenizers>=0.20", "pyyaml>=6.0"],
+        "dev": ["pytest>=8", "tokenizers>=0.20", "pyyaml>=6.0", "transformers>=4.54", "safetensors>=0.4", "lm_eval>=0.4.8,<0.5", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["midtrain=megatron_midtrain.train:main"]},
 )

@@ -322,6 +322,29 @@ class KDMethodConfig(MethodConfig):
 
 
 @dataclass
+class LMEvalConfig:
+    tasks: List[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (or presets, e.g. preset:remit_fewshot) run during training.
+    Empty = off. Needs the harness (pip install -e .[eval])."""
+    interval: int = 0
+    """Run them every N steps (and at the end); 0 = only at the end of training."""
+    num_fewshot: Optional[int] = None
+    """Shots for tasks outside a preset (None = each task's default)."""
+    limit: Optional[float] = None
+    """Examples per task (or a fraction if < 1); None = all. Keep it small: it runs in the training job."""
+    include_path: Optional[str] = None
+    """Folder of extra task YAML files (e.g. local tasks)."""
+    max_length: Optional[int] = None
+    """Context window for evaluation (None = data.seq_length)."""
+    batch_tokens: int = 8192
+    """Padded tokens per forward pass."""
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise UserError(f"lm_eval.interval={self.interval} must be >= 0", "e.g. lm_eval.interval=1000")
+
+
+@dataclass
 class MidtrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory, seed, outputs."""
@@ -339,6 +362,8 @@ class MidtrainConfig:
     """Learning-rate schedule."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     """Frozen reference model (reference-based methods)."""
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    """Optional lm-evaluation-harness tasks during training (in addition to the validation loss)."""
     method: Any = MISSING
     """The training objective; chosen with ``method=<name>``."""
 

@@ -161,8 +161,12 @@ def read_meta(ckpt_dir: str) -> dict:
 
 def check_compatible(meta: dict, model_cfg, ckpt_dir: str, what: str = "checkpoint") -> None:
     """Refuse a checkpoint whose architecture differs, naming the first differing field."""
-    saved = meta.get("arch", {})
+    saved = dict(meta.get("arch", {}))
     current = arch_signature(model_cfg)
+    # head_dim=None means hidden_size / heads: an explicit equal value is the same architecture.
+    for sig in (saved, current):
+        if sig.get("head_dim") is None and sig.get("hidden_size") and sig.get("num_attention_heads"):
+            sig["head_dim"] = sig["hidden_size"] // sig["num_attention_heads"]
     for key in ARCH_FIELDS:
         if key in saved and saved[key] != current[key]:
             fix = (

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from megatron_midtrain.errors import UserError
 from megatron_midtrain.data.tokenizer import tokenizer_fingerprint
+from megatron_midtrain.eval import hook as lm_eval_hook
 from megatron_midtrain.losses import build_method
 from megatron_midtrain.losses.ntp import NTPMethod
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
@@ -87,6 +88,8 @@ class Trainer:
         self.method = build_method(cfg.method, eod_id=sources[0].eod)
         # Validation loss is always plain NTP, so runs of different methods compare.
         self.eval_method = NTPMethod()
+        if cfg.lm_eval.tasks:  # optional lm-eval tasks during training: check them before any work
+            lm_eval_hook.check_lm_eval_config(cfg)
         self.model = self._build_model()
         self.reference = self._build_reference()
         self.optimizer, self.scheduler = self._build_optimizer()
@@ -421,6 +424,8 @@ class Trainer:
                 nonfinite_in_row = 0
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 record["val/loss"] = self.evaluate()
+            if lm_eval_hook.due(self.cfg, step):
+                record.update(lm_eval_hook.run_in_training(self))
             if self.metrics is not None:
                 self.metrics.write(record)
             if step % cfg.log_interval == 0 or step == cfg.max_steps or step == 1:

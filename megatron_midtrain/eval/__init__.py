@@ -1,0 +1,3 @@
+"""Evaluation: per-token log-probs under TP/PP (:mod:`.scorer`), an lm-evaluation-harness model
+class on top of it (:mod:`.lm_eval_model`), task presets (:mod:`.presets`) and the runner
+used by ``tools/evaluate.py`` and the in-training hook (:mod:`.harness`)."""

@@ -1,0 +1,223 @@
+"""Forward-only scoring of token sequences with a GPTModel stage under any TP/PP layout.
+
+Every rank of the job calls :meth:`Scorer.score` with the *same* sequences (collective). Each
+call runs megatron's pipeline schedule forward-only, one micro-batch per padded batch; the
+last pipeline stage turns its vocab-parallel logits shard into, per position ``p``:
+
+* ``logp[p]``   = log p(token[p + 1] | tokens[:p + 1])  (two small TP all-reduces, no gather),
+* ``greedy[p]`` = token[p + 1] is an argmax of the distribution,
+* ``argmax[p]`` = the smallest argmax token id (for greedy generation),
+
+and broadcasts them to the other stages, so every rank returns the same results. Padding
+rows of the vocabulary (``model.make_vocab_size_divisible_by``) are masked out of the
+softmax: they are not tokens, and Hugging Face models have no such rows.
+
+Data parallelism is left to the caller (``tools/logprobs.py`` splits its input over DP
+ranks; the lm-eval model runs every request on every rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_midtrain.errors import UserError
+
+
+@dataclass
+class Scores:
+    logp: list[float]
+    greedy: list[bool]
+    argmax: list[int]
+
+
+def _stage_outputs(logits, targets, vocab_size: int, group):
+    """[b, s, V/tp] logits shard -> (logp, greedy, argmax) [b, s] each (collective over TP)."""
+    from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+
+    shard = logits.shape[-1]
+    rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
+    lo = rank * shard
+    if lo + shard > vocab_size:  # this shard holds padding rows of the vocabulary
+        logits = logits.clone()
+        logits[..., max(vocab_size - lo, 0):] = float("-inf")
+    logp = vocab_parallel_logprobs(logits, targets, group)
+    local_max, local_arg = logits.float().max(dim=-1)
+    packed = torch.stack([local_max, -(local_arg + lo).float()], dim=-1)  # ties -> smallest id
+    if group is not None and dist.get_world_size(group) > 1:
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed.contiguous(), group=group)
+        packed = _best(gathered)
+    global_max, neg_arg = packed[..., 0], packed[..., 1]
+    owned = (targets >= lo) & (targets < lo + shard)
+    tgt = logits.float().gather(-1, torch.where(owned, targets - lo, 0)[..., None])[..., 0]
+    tgt = torch.where(owned, tgt, torch.full_like(tgt, float("-inf")))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tgt, op=dist.ReduceOp.MAX, group=group)
+    greedy = tgt >= global_max
+    return logp.float(), greedy, (-neg_arg).long()
+
+
+def _best(gathered: list[torch.Tensor]) -> torch.Tensor:
+    """Per position, the (max logit, -id) pair with the largest logit, smallest id on ties."""
+    best = gathered[0]
+    for other in gathered[1:]:
+        better = (other[..., 0] > best[..., 0]) | ((other[..., 0] == best[..., 0]) & (other[..., 1] > best[..., 1]))
+        best = torch.where(better[..., None], other, best)
+    return best
+
+
+class Scorer:
+    """Scores sequences with ``model`` (a GPTModel stage, or a DDP wrapper of one)."""
+
+    def __init__(self, model, vocab_size: int, max_length: int, max_batch_tokens: int = 8192, device=None):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.max_batch_tokens = max(max_batch_tokens, max_length)
+        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+
+    # ------------------------------------------------------------------ one padded batch
+    def _forward_step(self, batch, data_iterator, model):
+        from megatron.core import parallel_state
+
+        next(data_iterator)
+        tokens = batch.to(self.device)
+        positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, positions, None)
+        targets = torch.roll(tokens, shifts=-1, dims=1)
+        group = parallel_state.get_tensor_model_parallel_group()
+        return output, partial(self._collect, targets, group)
+
+    def _collect(self, targets, group, logits, non_loss_data=False):
+        logp, greedy, argmax = _stage_outputs(logits, targets, self.vocab_size, group)
+        zero = logits.sum() * 0.0
+        return zero, torch.zeros((), dtype=torch.int, device=logits.device), {"out": (logp, greedy, argmax)}
+
+    @torch.no_grad()
+    def _run(self, tokens: torch.Tensor):
+        """[b, s] int64 (identical on every rank) -> (logp, greedy, argmax) on every rank."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b, s = tokens.shape
+        out = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, tokens),
+            data_iterator=iter([None]),
+            model=[self.model],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            decoder_seq_length=s,
+            forward_only=True,
+        )
+        packed = torch.empty(3, b, s, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            logp, greedy, argmax = out[0]["out"]
+            packed[0], packed[1], packed[2] = logp.double(), greedy.double(), argmax.double()
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(packed, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        packed = packed.cpu()
+        return packed[0].float(), packed[1].bool(), packed[2].long()
+
+    # ------------------------------------------------------------------ many sequences
+    def score(self, sequences: list[list[int]]) -> list[Scores]:
+        """For each sequence of n tokens: n - 1 log-probs (of tokens 1..n-1), greedy flags,
+        and n argmax ids (the prediction after each token). Collective."""
+        for i, seq in enumerate(sequences):
+            if len(seq) > self.max_length:
+                raise UserError(f"sequence {i} has {len(seq)} tokens, more than the model context ({self.max_length})",
+                                "shorten the input or raise the model's max_position_embeddings")
+            if seq and (min(seq) < 0 or max(seq) >= self.vocab_size):
+                raise UserError(f"sequence {i} has a token id outside the vocabulary (0..{self.vocab_size - 1})",
+                                "tokenize with the model's tokenizer")
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        results: list[Scores | None] = [None] * len(sequences)
+        pos = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            while pos < len(order):
+                longest = max(len(sequences[order[pos]]), 1)
+                count = max(1, min(len(order) - pos, self.max_batch_tokens // longest))
+                rows = order[pos:pos + count]
+                pos += count
+                tokens = torch.zeros(len(rows), longest, dtype=torch.long)
+                for r, i in enumerate(rows):
+                    tokens[r, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+                logp, greedy, argmax = self._run(tokens)
+                for r, i in enumerate(rows):
+                    n = len(sequences[i])
+                    results[i] = Scores(logp[r, : max(n - 1, 0)].tolist(), greedy[r, : max(n - 1, 0)].tolist(),
+                                        argmax[r, :n].tolist())
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+
+def init_parallel(tp: int, pp: int) -> None:
+    """torch.distributed (torchrun env, or one local process) and megatron's TP/PP groups."""
+    import datetime
+    import os
+
+    from megatron.core import parallel_state
+
+    from megatron_midtrain.utils import cpu_compat
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise UserError(f"--tp {tp} x --pp {pp} does not divide the world size {world}",
+                        f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node) or change --tp/--pp")
+    cpu_compat.activate()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "MASTER_ADDR" not in os.environ:
+            from megatron_midtrain.testing.distributed import free_port
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if not torch.cuda.is_available():  # ranks share the cores: one share of the threads each
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+        raise UserError("this process already has another TP/PP layout", "run the tool in its own process")
+
+
+def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 1234):
+    """Build this rank's GPTModel stage (current TP/PP groups) from a checkpoint and load it.
+
+    Returns ``(model, model_config, meta)``. Collective; megatron's parallel state must be set up.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_midtrain.config.schema import ParallelConfig
+    from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
+    from megatron_midtrain.reference.scoring import _model_config_from_meta
+    from megatron_midtrain.training import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint_dir(checkpoint)
+    meta = ckpt.read_meta(path)
+    model_cfg = _model_config_from_meta(meta, path)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    parallel = ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                              pp=parallel_state.get_pipeline_model_parallel_world_size())
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    if not tracker.get_states():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    config = build_transformer_config(model_cfg, parallel, dtype)
+    model = build_gpt_stage(model_cfg, config, model_cfg.max_position_embeddings, have_transformer_engine())
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    ckpt.load_model_weights(path, model, model_cfg)
+    model.requires_grad_(False)
+    model.eval()
+    return model, model_cfg, dict(meta, path=path)
