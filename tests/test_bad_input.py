@@ -135,3 +135,23 @@ def test_fp8_reference_is_refused_without_a_gpu():
     with pytest.raises(UserError, match="reference.fp8") as err:
         check_layout(cfg, 1)
     assert "\n" not in str(err.value) and "fix:" in str(err.value)
+
+
+def test_reference_of_another_architecture_or_tokenizer_is_refused(tmp_path):
+    ref = tmp_path / "ref"
+    ok = midtrain("train.max_steps=1", "model.hidden_size=64", f"run.dir={ref}")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    proc = midtrain("method=remit", f"reference.checkpoint={ref}", f"run.dir={tmp_path}/run")
+    assert_one_line_error(proc, "reference", "hidden_size=64", "128")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written for the refused run
+
+    # Same architecture, other tokenizer (the fingerprint recorded in the reference's meta.json).
+    same = tmp_path / "same"
+    assert midtrain("train.max_steps=1", f"run.dir={same}").returncode == 0
+    meta_path = same / "checkpoints" / "iter_0000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer"] = "sentencepiece:0123456789abcdef"
+    meta_path.write_text(json.dumps(meta))
+    proc = midtrain("method=remit", f"reference.checkpoint={same}", f"run.dir={tmp_path}/run2")
+    assert_one_line_error(proc, "tokenizer", "0123456789abcdef")
+    assert not (tmp_path / "run2" / "config.yaml").exists()
