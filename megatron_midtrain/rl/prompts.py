@@ -1,0 +1,71 @@
+r"""Next-token reasoning prompts for RMT (SPEC §3 "Rollouts"; RPT-style).
+
+Each selected position t becomes a prompt made of the context (the text before the target
+token), an instruction, and the current token budget :math:`B_t`. The template is a Python
+``str.format`` string with the fields:
+
+* ``{context}`` — the context text (required);
+* ``{budget}`` — the token budget :math:`B_t` (an int);
+* ``{answer_hint}`` — optional; the phrase telling the model how to format its answer,
+  which depends on ``answer_format`` (so a template does not need to escape ``\boxed{}``).
+
+Literal braces in a custom template must be doubled (``{{`` / ``}}``), as in ``str.format``.
+The context is a value, not part of the template, so braces in it are safe.
+"""
+
+from __future__ import annotations
+
+import string
+
+PROMPT_ANSWER_FORMATS = ("answer_tag", "boxed")
+
+DEFAULT_TEMPLATE = (
+    "Complete the text below by predicting the next token. "
+    "Think step by step using about {budget} tokens, then give the predicted next token {answer_hint}.\n\n"
+    "Text:\n{context}\n\n"
+    "Reasoning:\n"
+)
+
+ANSWER_HINTS = {
+    "answer_tag": "inside <answer></answer> tags, for example <answer> the</answer>",
+    "boxed": "inside \\boxed{}, for example \\boxed{ the}",
+}
+
+_ALLOWED_FIELDS = {"context", "budget", "answer_hint"}
+
+
+def template_fields(template: str) -> set[str]:
+    """The replacement field names used by a ``str.format`` template."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def validate_template(template: str) -> None:
+    """Refuse a template that lacks ``{context}`` or uses a field other than context/budget/answer_hint."""
+    try:
+        fields = template_fields(template)
+    except ValueError as exc:  # unbalanced braces
+        raise ValueError(f"bad prompt template ({exc}); write literal braces as '{{{{' and '}}}}'") from None
+    unknown = fields - _ALLOWED_FIELDS
+    if unknown:
+        raise ValueError(
+            f"prompt template uses unknown field(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_FIELDS)} "
+            "(write literal braces as '{{' and '}}')"
+        )
+    if "context" not in fields:
+        raise ValueError("prompt template must contain {context}")
+
+
+def build_prompt(context: str, budget: int, template: str = DEFAULT_TEMPLATE, answer_format: str = "answer_tag") -> str:
+    """The next-token reasoning prompt: ``template.format(context=..., budget=..., answer_hint=...)``.
+
+    Args:
+        context: the text before the target position (decoded from the corpus tokens).
+        budget: the current token budget :math:`B_t` (see :func:`megatron_midtrain.rl.budget.token_budget`).
+        template: see the module docstring.
+        answer_format: ``answer_tag`` (``<answer>…</answer>``) or ``boxed`` (``\\boxed{}``);
+            selects ``{answer_hint}`` and must match the reward's extraction format.
+    """
+    if answer_format not in PROMPT_ANSWER_FORMATS:
+        raise ValueError(f"answer_format={answer_format!r} is not one of {PROMPT_ANSWER_FORMATS}")
+    validate_template(template)
+    return template.format(context=context, budget=int(budget), answer_hint=ANSWER_HINTS[answer_format])

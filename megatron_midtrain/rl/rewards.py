@@ -1,0 +1,347 @@
+r"""RMT rewards (SPEC §3 "Length reward", "Correctness reward", "Combining the rewards").
+
+Pure functions on Python strings/bytes/numbers (and tensors where noted):
+
+* :func:`length_reward` — the triangular length reward against the budget :math:`B_t`.
+* :func:`prefix_match_reward` / :func:`score_prefix_match` — the RPT prefix-match correctness
+  reward on UTF-8 bytes with the token-boundary rule.
+* :func:`extract_answer` — the answer inside ``<answer>…</answer>``, ``\boxed{…}`` or after
+  "The answer is" (the demo corpus's arithmetic format).
+* :func:`exact_match_reward` / :func:`score_exact_match` — the verifiable-task (arithmetic) reward.
+* :func:`combine_rewards` — ``sum`` (default), ``weighted`` or ``product``.
+
+Conventions (where the paper/SPEC are silent, chosen to match verl / NeMo-RL / TRL):
+
+* The **last** answer occurrence in a response counts (the model may restate or correct itself
+  while reasoning; verl's gsm8k/math scorers also take the last match).
+* A response with **no** parseable answer gets ``missing_penalty``; one whose answer is empty
+  (only whitespace) gets ``empty_penalty``. A wrong answer gets 0, a correct one 1.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is")
+COMBINE_MODES = ("sum", "weighted", "product")
+
+#: Default penalty for a response without a parseable answer (missing tag / unbalanced ``\boxed{``).
+DEFAULT_MISSING_PENALTY = -1.0
+#: Default penalty for an answer that is present but empty (``<answer> </answer>``).
+DEFAULT_EMPTY_PENALTY = -1.0
+
+STATUS_CORRECT, STATUS_WRONG, STATUS_EMPTY, STATUS_MISSING = "correct", "wrong", "empty", "missing"
+
+
+# --------------------------------------------------------------------------------------------
+# Length reward
+# --------------------------------------------------------------------------------------------
+def length_reward(length, budget):
+    r"""Triangular length reward (SPEC §3; RMT paper eq. 2).
+
+    .. math::
+
+        r_{len}(\ell; B) = \begin{cases}
+            \ell / B        & 0 \le \ell \le B \\
+            (2B - \ell) / B & B < \ell \le 2B \\
+            0               & \ell > 2B
+        \end{cases}
+
+    It peaks at 1 for ``length == budget`` and falls linearly to 0 at 0 and at ``2 * budget``.
+    ``length`` is the number of generated response tokens (the caller decides whether the
+    answer span and EOS count; the RMT loop counts every generated token up to and including
+    the stop). Works on Python numbers (returns ``float``) and on tensors (elementwise,
+    returns a float tensor; ``budget`` may be a scalar or a broadcastable tensor).
+
+    Raises:
+        ValueError: if ``budget <= 0`` or ``length < 0`` (Python numbers only).
+    """
+    if isinstance(length, torch.Tensor) or isinstance(budget, torch.Tensor):
+        ell = torch.as_tensor(length, dtype=torch.float64)
+        b = torch.as_tensor(budget, dtype=torch.float64, device=ell.device)
+        if bool((b <= 0).any()):
+            raise ValueError("budget must be positive")
+        up = ell / b
+        down = (2.0 * b - ell) / b
+        out = torch.where(ell <= b, up, torch.where(ell <= 2.0 * b, down, torch.zeros_like(up)))
+        return out.clamp(min=0.0).float()
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if length < 0:
+        raise ValueError(f"length must be non-negative, got {length}")
+    if length <= budget:
+        return float(length) / float(budget)
+    if length <= 2 * budget:
+        return float(2 * budget - length) / float(budget)
+    return 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Answer extraction
+# --------------------------------------------------------------------------------------------
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_IS_RE = re.compile(r"[Tt]he (?:final )?answer is[:\s]*([^\n]*)")
+_BOXED_OPENERS = ("\\boxed{", "\\fbox{")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, else None."""
+    best = -1
+    opener_len = 0
+    for opener in _BOXED_OPENERS:
+        i = text.rfind(opener)
+        if i > best:
+            best, opener_len = i, len(opener)
+    if best < 0:
+        return None
+    depth = 1
+    start = best + opener_len
+    for j in range(start, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:j]
+    return None  # unbalanced: the answer was cut off (e.g. by the length limit)
+
+
+def extract_answer(text: str, answer_format: str = "answer_tag") -> str | None:
+    r"""The raw (unstripped) answer string of a response, or ``None`` when there is none.
+
+    * ``answer_tag``: the content of the last complete ``<answer>…</answer>`` pair. An opening
+      tag without a closing one (truncated generation) counts as missing.
+    * ``boxed``: the content of the last ``\boxed{…}`` (``\fbox{…}`` also accepted), with nested
+      braces balanced; an unbalanced one counts as missing.
+    * ``answer_is``: the rest of the line after the last "The answer is" (the demo corpus's
+      arithmetic format), with one trailing period removed.
+
+    Returns ``""``-like strings as they are: the caller distinguishes empty from missing.
+    """
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format={answer_format!r} is not one of {ANSWER_FORMATS}")
+    if text is None:
+        return None
+    if answer_format == "answer_tag":
+        matches = _ANSWER_TAG_RE.findall(text)
+        return matches[-1] if matches else None
+    if answer_format == "boxed":
+        return _last_boxed(text)
+    matches = _ANSWER_IS_RE.findall(text)
+    if not matches:
+        return None
+    ans = matches[-1].rstrip()
+    return ans.removesuffix(".")
+
+
+# --------------------------------------------------------------------------------------------
+# RPT prefix-match reward
+# --------------------------------------------------------------------------------------------
+def _as_bytes(piece) -> bytes:
+    if isinstance(piece, (bytes, bytearray)):
+        return bytes(piece)
+    if isinstance(piece, str):
+        return piece.encode("utf-8")
+    raise TypeError(f"ground-truth token pieces must be bytes or str, got {type(piece).__name__}")
+
+
+def token_boundaries(gt_token_bytes: Sequence[bytes | str]) -> tuple[bytes, list[int]]:
+    """Concatenated ground-truth bytes and the cumulative byte offsets of its token ends.
+
+    ``gt_token_bytes`` is the byte string of each ground-truth continuation token (for a
+    byte-level BPE tokenizer a token may be a partial UTF-8 character, so pass ``bytes``;
+    ``str`` pieces are UTF-8 encoded). Offsets: ``[len(t0), len(t0)+len(t1), ...]``.
+    Zero-length tokens add no new boundary.
+    """
+    pieces = [_as_bytes(p) for p in gt_token_bytes]
+    ends: list[int] = []
+    total = 0
+    for p in pieces:
+        if not p:
+            continue
+        total += len(p)
+        ends.append(total)
+    return b"".join(pieces), ends
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """A correctness reward with its classification, for metrics (accuracy, format-error rates)."""
+
+    reward: float
+    status: str  # "correct" | "wrong" | "empty" | "missing"
+    prediction: str | None
+
+    @property
+    def correct(self) -> bool:
+        return self.status == STATUS_CORRECT
+
+
+_WS = b" \t\n\r\f\v"
+
+
+def prefix_match(prediction: str | bytes, gt_token_bytes: Sequence[bytes | str], strip_leading_whitespace: bool = True) -> bool:
+    r"""The RPT rule on bytes: ``g.startswith(y) and len(y) ∈ L_gt``.
+
+    With y the UTF-8 bytes of the prediction and g the concatenated bytes of the ground-truth
+    continuation tokens, :math:`\mathcal{L}_{gt}` the set of cumulative byte lengths of the
+    ground-truth tokens (token boundaries), the prediction is correct iff y is a byte prefix of g
+    and ends exactly on a token boundary. A prediction may therefore span several ground-truth
+    tokens, but may not stop inside one (nor inside a multi-byte character split across tokens).
+
+    Leading whitespace (``strip_leading_whitespace=True``, default): tokenizers put the
+    word-separating space inside the token (``" the"``) while a model writes
+    ``<answer>the</answer>``. Leading whitespace is removed from both y and g; boundaries
+    are shifted by the removed amount and those falling inside the removed whitespace are
+    dropped. With ``False`` the comparison is on raw bytes.
+
+    An empty prediction never matches (0 is not a token boundary).
+    """
+    y = _as_bytes(prediction)
+    g, ends = token_boundaries(gt_token_bytes)
+    if strip_leading_whitespace:
+        y = y.lstrip(_WS)
+        stripped = g.lstrip(_WS)
+        shift = len(g) - len(stripped)
+        g = stripped
+        ends = [e - shift for e in ends if e - shift > 0]
+    if not y:
+        return False
+    return g.startswith(y) and len(y) in set(ends)
+
+
+def score_prefix_match(
+    response: str,
+    gt_token_bytes: Sequence[bytes | str],
+    answer_format: str = "answer_tag",
+    missing_penalty: float = DEFAULT_MISSING_PENALTY,
+    empty_penalty: float = DEFAULT_EMPTY_PENALTY,
+    strip_leading_whitespace: bool = True,
+) -> RewardResult:
+    r"""RPT prefix-match correctness reward for one response, with its status.
+
+    .. math::
+
+        r_{acc} = \begin{cases}
+            1 & \text{answer parsed, non-empty, } g\text{.startswith}(y) \wedge |y| \in \mathcal{L}_{gt} \\
+            0 & \text{answer parsed, non-empty, otherwise} \\
+            \text{empty\_penalty} & \text{answer parsed but empty after stripping whitespace} \\
+            \text{missing\_penalty} & \text{no parseable answer (missing tag, unbalanced box)}
+        \end{cases}
+
+    The answer is taken with :func:`extract_answer`. Trailing whitespace of the answer is
+    removed (``<answer> the </answer>`` predicts ``"the"``); leading whitespace is handled by
+    :func:`prefix_match`. See :func:`prefix_match` for the byte/boundary rule.
+    """
+    raw = extract_answer(response, answer_format)
+    if raw is None:
+        return RewardResult(float(missing_penalty), STATUS_MISSING, None)
+    pred = raw.strip() if strip_leading_whitespace else raw.rstrip()
+    if not pred.strip():
+        return RewardResult(float(empty_penalty), STATUS_EMPTY, pred)
+    ok = prefix_match(pred, gt_token_bytes, strip_leading_whitespace=strip_leading_whitespace)
+    return RewardResult(1.0 if ok else 0.0, STATUS_CORRECT if ok else STATUS_WRONG, pred)
+
+
+def prefix_match_reward(
+    response: str,
+    gt_token_bytes: Sequence[bytes | str],
+    answer_format: str = "answer_tag",
+    missing_penalty: float = DEFAULT_MISSING_PENALTY,
+    empty_penalty: float = DEFAULT_EMPTY_PENALTY,
+    strip_leading_whitespace: bool = True,
+) -> float:
+    """The float reward of :func:`score_prefix_match` (1 correct, 0 wrong, penalties otherwise)."""
+    return score_prefix_match(response, gt_token_bytes, answer_format, missing_penalty, empty_penalty, strip_leading_whitespace).reward
+
+
+# --------------------------------------------------------------------------------------------
+# Exact-match reward (verifiable arithmetic mode)
+# --------------------------------------------------------------------------------------------
+_NUM_CLEAN_RE = re.compile(r"[,\s$]")
+
+
+def normalize_answer(ans: str) -> str:
+    r"""Canonical form for exact match: strip whitespace, ``$``, thousands separators, a trailing
+    period; numbers become their exact rational value
+    (``"4.0"`` → ``"4"``, ``"1/2"`` → ``"1/2"``, ``"0.5"`` → ``"1/2"``); anything else is compared
+    case-sensitively after whitespace collapsing."""
+    s = ans.strip().rstrip(".").strip()
+    compact = _NUM_CLEAN_RE.sub("", s)
+    try:
+        value = Fraction(compact)
+    except (ValueError, ZeroDivisionError):
+        return " ".join(s.split())
+    return str(value)
+
+
+def score_exact_match(
+    response: str,
+    target,
+    answer_format: str = "answer_is",
+    missing_penalty: float = DEFAULT_MISSING_PENALTY,
+    empty_penalty: float = DEFAULT_EMPTY_PENALTY,
+) -> RewardResult:
+    """Exact-match reward on the final answer: 1 if ``normalize_answer(pred) == normalize_answer(target)``.
+
+    Missing / empty answers take the penalties as in :func:`score_prefix_match`. ``target`` may
+    be a number or a string. The default format ``answer_is`` matches the demo corpus
+    ("... The answer is 29.").
+    """
+    raw = extract_answer(response, answer_format)
+    if raw is None:
+        return RewardResult(float(missing_penalty), STATUS_MISSING, None)
+    pred = raw.strip()
+    if not pred:
+        return RewardResult(float(empty_penalty), STATUS_EMPTY, pred)
+    ok = normalize_answer(pred) == normalize_answer(str(target))
+    return RewardResult(1.0 if ok else 0.0, STATUS_CORRECT if ok else STATUS_WRONG, pred)
+
+
+def exact_match_reward(
+    response: str,
+    target,
+    answer_format: str = "answer_is",
+    missing_penalty: float = DEFAULT_MISSING_PENALTY,
+    empty_penalty: float = DEFAULT_EMPTY_PENALTY,
+) -> float:
+    """The float reward of :func:`score_exact_match`."""
+    return score_exact_match(response, target, answer_format, missing_penalty, empty_penalty).reward
+
+
+# --------------------------------------------------------------------------------------------
+# Combination
+# --------------------------------------------------------------------------------------------
+def combine_rewards(r_acc, r_len, mode: str = "sum", w_acc: float = 1.0, w_len: float = 1.0):
+    r"""Combine correctness and length rewards (SPEC §3: configurable, default the sum).
+
+    * ``sum`` (default): :math:`r = r_{acc} + r_{len}`.
+    * ``weighted``: :math:`r = w_{acc} r_{acc} + w_{len} r_{len}`.
+    * ``product``: :math:`r = r_{acc} \cdot r_{len}` when :math:`r_{acc} > 0`, else :math:`r_{acc}`
+      (the length bonus only scales a correct answer; penalties pass through unchanged).
+
+    Works on Python numbers and (broadcastable) tensors.
+    """
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"reward combine mode {mode!r} is not one of {COMBINE_MODES}")
+    if mode == "sum":
+        return r_acc + r_len
+    if mode == "weighted":
+        return w_acc * r_acc + w_len * r_len
+    if isinstance(r_acc, torch.Tensor) or isinstance(r_len, torch.Tensor):
+        a = torch.as_tensor(r_acc, dtype=torch.float32)
+        ln = torch.as_tensor(r_len, dtype=torch.float32)
+        return torch.where(a > 0, a * ln, a)
+    return r_acc * r_len if r_acc > 0 else r_acc
+
+
+def is_finite_reward(r: float) -> bool:
+    """True for a finite float reward (guards NaN from user reward functions)."""
+    return math.isfinite(float(r))
