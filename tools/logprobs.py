@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-warnings.filterwarnings("ignore", message="Apex is not installed")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_midtrain.utils.quiet import silence_known_warnings  # noqa: E402
+
+silence_known_warnings()
 
 from megatron_midtrain.errors import UserError, exit_on_user_error  # noqa: E402
 

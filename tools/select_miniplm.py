@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -104,8 +103,6 @@ def main(argv=None) -> dict:
     from megatron_midtrain.utils.quiet import silence_known_warnings
 
     silence_known_warnings()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 

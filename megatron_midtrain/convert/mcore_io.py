@@ -50,20 +50,9 @@ def layer_of(name: str) -> int | None:
 
 def checkpoint_tensor_keys(sharded_state_dict) -> dict[str, tuple[int, tuple[int, ...]]]:
     """sharded key -> (number of prepended layer axes, global shape) for every tensor."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron_midtrain.model.init import sharded_tensors
 
-    out = {}
-    for item in nested_values(sharded_state_dict):
-        if isinstance(item, ShardedTensorFactory):
-            pieces = item.build_fn(item.key, item.data, item.replica_id, None)
-            pieces = pieces if isinstance(pieces, list) else list(nested_values(pieces))
-        else:
-            pieces = [item]
-        for sh in pieces:
-            if isinstance(sh, ShardedTensor):
-                out[sh.key] = (sh.prepend_axis_num, tuple(sh.global_shape))
-    return out
+    return {sh.key: (sh.prepend_axis_num, tuple(sh.global_shape)) for sh in sharded_tensors(sharded_state_dict)}
 
 
 def _lazy_classes():

@@ -50,6 +50,18 @@ def _fill(sh: ShardedTensor, seed: int, std: float, num_layers: int) -> None:
         sh.data.copy_(local.to(dtype=sh.data.dtype, device=sh.data.device))
 
 
+def sharded_tensors(sharded_state_dict):
+    """Every ShardedTensor of a megatron sharded state dict, with factories (e.g. the fused
+    gate/up ``linear_fc1``) expanded into the tensors they stand for."""
+    for item in nested_values(sharded_state_dict):
+        if isinstance(item, ShardedTensorFactory):
+            pieces = item.build_fn(item.key, item.data, item.replica_id, None)
+            pieces = pieces if isinstance(pieces, list) else list(nested_values(pieces))
+        else:
+            pieces = [item]
+        yield from (sh for sh in pieces if isinstance(sh, ShardedTensor))
+
+
 @torch.no_grad()
 def init_parameters(modules, seed: int, std: float, num_layers: int) -> int:
     """Fill every parameter of ``modules`` (unwrapped GPTModel stages) deterministically.
@@ -58,15 +70,8 @@ def init_parameters(modules, seed: int, std: float, num_layers: int) -> int:
     """
     count = 0
     for module in modules:
-        state = module.sharded_state_dict()
-        for item in nested_values(state):
-            if isinstance(item, ShardedTensorFactory):
-                pieces = item.build_fn(item.key, item.data, item.replica_id, None)
-                pieces = pieces if isinstance(pieces, list) else list(nested_values(pieces))
-            else:
-                pieces = [item]
-            for sh in pieces:
-                if isinstance(sh, ShardedTensor) and sh.data is not None and sh.data.is_floating_point():
-                    _fill(sh, seed, std, num_layers)
-                    count += 1
+        for sh in sharded_tensors(module.sharded_state_dict()):
+            if sh.data is not None and sh.data.is_floating_point():
+                _fill(sh, seed, std, num_layers)
+                count += 1
     return count

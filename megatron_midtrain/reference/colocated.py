@@ -73,10 +73,9 @@ class ColocatedReference:
         logp = vocab_parallel_logprobs(logits, labels, parallel_state.get_tensor_model_parallel_group())
         return logp.sum() * 0.0, torch.zeros((), dtype=torch.int), {"ref_logprobs": logp}
 
-    @torch.no_grad()
-    def target_logprobs(self, micro_batches, num_microbatches: int, device) -> list:
-        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere)."""
-        out = get_forward_backward_func()(
+    def _forward_only(self, micro_batches, num_microbatches: int, device, collect_non_loss_data: bool = False):
+        """One forward-only pass of megatron's pipeline schedule over the step's micro-batches."""
+        return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, device),
             data_iterator=micro_batches,
             model=[self.model],
@@ -85,7 +84,13 @@ class ColocatedReference:
             micro_batch_size=self.cfg.train.micro_batch_size,
             decoder_seq_length=self.cfg.data.seq_length,
             forward_only=True,
+            collect_non_loss_data=collect_non_loss_data,
         )
+
+    @torch.no_grad()
+    def target_logprobs(self, micro_batches, num_microbatches: int, device) -> list:
+        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere)."""
+        out = self._forward_only(micro_batches, num_microbatches, device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return [o["ref_logprobs"] for o in out]
         return [None] * num_microbatches
@@ -102,17 +107,7 @@ class ColocatedReference:
         if layer is not None:
             layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
         try:
-            out = get_forward_backward_func()(
-                forward_step_func=partial(self._forward_step, device),
-                data_iterator=micro_batches,
-                model=[self.model],
-                num_microbatches=num_microbatches,
-                seq_length=self.cfg.data.seq_length,
-                micro_batch_size=self.cfg.train.micro_batch_size,
-                decoder_seq_length=self.cfg.data.seq_length,
-                forward_only=True,
-                collect_non_loss_data=True,
-            )
+            out = self._forward_only(micro_batches, num_microbatches, device, collect_non_loss_data=True)
         finally:
             if layer is not None:
                 del layer.forward  # back to the class's forward

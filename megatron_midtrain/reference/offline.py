@@ -103,16 +103,6 @@ class OfflineReference:
 
 
 # ---------------------------------------------------------------------- scoring
-def _param_dtype(cfg) -> torch.dtype:
-    """The policy's parameter dtype (as the trainer picks it): the co-located reference runs in it."""
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
-    if precision == "bf16" and not torch.cuda.is_available():
-        raise UserError("train.precision=bf16 needs a GPU", "use train.precision=fp32 (or auto) on the CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 class _Recording:
     """Wraps a micro-batch iterator and keeps what it yielded (ids and tokens for the writer)."""
 
@@ -149,6 +139,7 @@ def score(cfg, dtype: str = "float32", log_interval: int = 0) -> dict:
     from megatron_midtrain.reference.colocated import ColocatedReference
     from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources
     from megatron_midtrain.training.distributed import init_distributed, shutdown
+    from megatron_midtrain.training.trainer import param_dtype, seed_everything
 
     if dtype not in score_store.DTYPES:
         raise UserError(f"--dtype {dtype} is not supported", "use --dtype float16 or float32")
@@ -171,11 +162,11 @@ def score(cfg, dtype: str = "float32", log_interval: int = 0) -> dict:
                 f"global batch of {G} sequences is not divisible by micro_batch_size*DP = {cfg.train.micro_batch_size}*{layout.dp}",
                 "adjust train.global_batch_tokens or train.micro_batch_size",
             )
-        _seed(cfg.run.seed)
+        seed_everything(cfg.run.seed)
         sources = prepare_sources(cfg)
         tokenizer_id = tokenizer_fingerprint(sources[0])
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        param_dtype = _param_dtype(cfg)
+        param_dtype = param_dtype(cfg)
         reference = ColocatedReference(cfg, tokenizer_id, param_dtype, have_transformer_engine())
         meta = dict(
             score_store.alignment_meta(cfg, tokenizer_id, G, sources[1], sources[2]),
@@ -239,17 +230,6 @@ def score(cfg, dtype: str = "float32", log_interval: int = 0) -> dict:
         return summary
     finally:
         shutdown()
-
-
-def _seed(seed: int) -> None:
-    import random
-
-    from megatron.core import tensor_parallel
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _duration(seconds: float) -> str:

@@ -53,6 +53,24 @@ class _ScoreOnly:
         return logits.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logits.device), {"score": score}
 
 
+def seed_everything(seed: int) -> None:
+    """Python, numpy, torch and megatron's model-parallel RNG streams."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def param_dtype(cfg) -> torch.dtype:
+    """The parameter dtype from train.precision (auto: bf16 on GPU, fp32 on CPU)."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if precision == "bf16" and not torch.cuda.is_available():
+        raise UserError("train.precision=bf16 needs a GPU", "use train.precision=fp32 (or auto) on the CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 class Trainer:
     def __init__(self, cfg):
         """``cfg``: a validated :class:`MidtrainConfig` (see config/loader.py)."""
@@ -60,8 +78,8 @@ class Trainer:
         self.layout = init_distributed(cfg)
         self.rank0 = self.layout.rank == 0
         self.run_dir = self._choose_run_dir()
-        self._seed_everything(cfg.run.seed)
-        self.dtype = self._param_dtype()
+        seed_everything(cfg.run.seed)
+        self.dtype = param_dtype(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
         seq = cfg.data.seq_length
@@ -129,20 +147,6 @@ class Trainer:
             os.replace(tmp, os.path.join(run_dir, "config.yaml"))
         if dist.is_initialized():
             dist.barrier()
-
-    def _seed_everything(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-    def _param_dtype(self) -> torch.dtype:
-        precision = self.cfg.train.precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "fp32"
-        if precision == "bf16" and not torch.cuda.is_available():
-            raise UserError("train.precision=bf16 needs a GPU", "use train.precision=fp32 (or auto) on the CPU")
-        return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _build_model(self):
         cfg = self.cfg

@@ -17,6 +17,13 @@ _EXPECTED = (
 )
 
 
+#: Modules whose FutureWarnings (torch.distributed.checkpoint deprecations that megatron's
+#: dist_checkpointing triggers while loading) are not ours to act on.
+_FUTURE_WARNING_MODULES = (r"torch\.distributed\.checkpoint.*", r"megatron\.core\.dist_checkpointing.*")
+
+
 def silence_known_warnings() -> None:
     for pattern in _EXPECTED:
         warnings.filterwarnings("ignore", message=pattern)
+    for module in _FUTURE_WARNING_MODULES:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
