@@ -23,10 +23,10 @@ register_configs()
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
 @exit_on_user_error  # inside Hydra too: its own handler would print a multi-line report
 def _run(cfg) -> None:
-    from megatron_midtrain.training.demo_models import with_demo_reference
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.training.demo_models import with_demo_models
+    from megatron_midtrain.training.trainer import build_trainer
 
-    trainer = Trainer(with_demo_reference(to_dataclass(cfg)))
+    trainer = build_trainer(with_demo_models(to_dataclass(cfg)))
     try:
         trainer.train()
     finally:

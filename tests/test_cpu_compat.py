@@ -381,6 +381,10 @@ def _two_rank_job(ckpt_dir: str) -> dict:
     result = {"pp": _pipeline_step(pp=2)}
 
     _setup_parallel(tp=2, pp=1)
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    shard = torch.arange(3, dtype=torch.float32).repeat(2, 1) + 10 * dist.get_rank()
+    result["tp_gather"] = gather_from_tensor_model_parallel_region(shard).numpy()
     _, stage = _build(_model_cfg(), 2, 1, SEED)
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir)
@@ -461,3 +465,13 @@ def test_dist_checkpoint_tp2_to_tp1(megatron_runs):
     # The load really changed the weights (the TP=1 model started from another seed).
     changed = [k for k in saved if not np.array_equal(before[k], saved[k])]
     assert any("linear_qkv" in k for k in changed) and any("linear_fc1" in k for k in changed)
+
+
+def test_tp_gather_buffers_on_cpu(megatron_runs):
+    """``mappings`` allocates its all-gather output on current_device() (megatron's inference
+    path gathers the TP logits with it: runtime_gather_output=True)."""
+    import numpy as np
+
+    two, _ = megatron_runs
+    for res in two:
+        np.testing.assert_array_equal(res["tp_gather"], [[0, 1, 2, 10, 11, 12]] * 2)

@@ -5,6 +5,11 @@ Engine). megatron's stock ``DotProductAttention`` materialises the score matrix
 in a global buffer allocated with ``torch.cuda.current_device()``; SDPA needs no
 buffer, never materialises [b, h, s, s] on backends with a fused kernel, and is
 numerically the same softmax(QK^T/sqrt(d))V.
+
+With megatron's KV cache (``inference_context``) the prompt prefill arrives as usual (causal,
+as many queries as keys) and each decode step with ``attn_mask_type=no_mask`` (one query
+against all cached keys). A causal call with fewer queries than keys is aligned bottom-right
+(the queries are the last positions), unlike SDPA's own ``is_causal``.
 """
 
 from __future__ import annotations
@@ -67,6 +72,11 @@ class SDPAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_mask is None:
             attn_mask, is_causal = None, mask_type == AttnMaskType.causal
+            if is_causal and q.shape[2] != k.shape[2]:
+                # Queries are the *last* q_len positions of k_len (KV-cache decode/chunked
+                # prefill): causal must be bottom-right aligned, SDPA's is_causal is top-left.
+                # Training (q_len == k_len) never takes this branch.
+                attn_mask, is_causal = _bottom_right_causal(q.shape[2], k.shape[2], q.device), False
         else:
             # megatron masks are True where attention is *forbidden*; SDPA wants True where allowed.
             attn_mask, is_causal = ~attention_mask, False
@@ -83,3 +93,8 @@ class SDPAttention(MegatronModule):
         # [b, heads, s, d] -> [s, b, heads * d]
         s, b = context.shape[2], context.shape[0]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)
+
+
+def _bottom_right_causal(q_len: int, k_len: int, device) -> torch.Tensor:
+    """[q_len, k_len] bool, True where allowed: query i (position k_len - q_len + i) sees keys <= it."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)

@@ -236,3 +236,20 @@ def dual_objective(
     ntp, count = ntp_loss_outside(logprobs, loss_mask, rl_mask, ntp_normalizer)
     loss = rl_loss + lam * ntp
     return loss, {"rl_loss": rl_loss.detach(), "ntp_loss": ntp.detach(), "ntp_tokens": count.detach()}
+
+
+def aggregation_units(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """The denominator units of :func:`aggregate` in ``mask`` (float scalar): masked tokens
+    (token-mean), responses with at least one token (seq-mean-token-mean) or rows (Dr.GRPO).
+
+    A loss aggregated per micro-batch times ``units(micro-batch) / units(global batch)`` sums
+    over micro-batches and data-parallel ranks to the loss aggregated over the global batch
+    (for Dr.GRPO with the same constant C), which is how the trainer splits one GRPO step.
+    """
+    agg = canonical_agg(agg)
+    m = mask.bool()
+    if agg == "token-mean":
+        return m.sum().to(torch.float64)
+    if agg == "seq-mean-token-mean":
+        return (m.sum(dim=-1) > 0).sum().to(torch.float64)
+    return torch.tensor(float(m.shape[0]), dtype=torch.float64, device=m.device)

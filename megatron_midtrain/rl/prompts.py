@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import string
 
-PROMPT_ANSWER_FORMATS = ("answer_tag", "boxed")
+PROMPT_ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is", "plain")
 
 DEFAULT_TEMPLATE = (
     "Complete the text below by predicting the next token. "
@@ -29,6 +29,8 @@ DEFAULT_TEMPLATE = (
 ANSWER_HINTS = {
     "answer_tag": "inside <answer></answer> tags, for example <answer> the</answer>",
     "boxed": "inside \\boxed{}, for example \\boxed{ the}",
+    "answer_is": 'after "The answer is", for example The answer is the',
+    "plain": "as your whole answer",
 }
 
 _ALLOWED_FIELDS = {"context", "budget", "answer_hint"}

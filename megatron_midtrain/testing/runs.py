@@ -24,7 +24,7 @@ def train_and_report(overrides: list[str], keep_distributed: bool = False) -> di
 
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.training.trainer import build_trainer as Trainer
 
     cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
@@ -42,7 +42,7 @@ def train_and_report(overrides: list[str], keep_distributed: bool = False) -> di
 def validation_loss(overrides: list[str]) -> float:
     """Build (and resume) a trainer from ``overrides`` and return the validation loss."""
     from megatron_midtrain.config.loader import load_config
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.training.trainer import build_trainer as Trainer
 
     cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
@@ -57,7 +57,7 @@ def save_initial_checkpoint(overrides: list[str], keep_distributed: bool = False
     import os
 
     from megatron_midtrain.config.loader import load_config
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.training.trainer import build_trainer as Trainer
 
     cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)

@@ -1,15 +1,19 @@
-"""The embedded demo's base model and reference model, built on first use and cached.
+"""The embedded demo's models and RL side data, built on first use and cached.
 
-ReMiT needs a base model to mid-train and a reference that is better at reasoning.
-For the demo both come from the generated corpus:
+ReMiT needs a base model to mid-train and a reference that is better at reasoning; RMT needs
+a base model and its entropy index. For the demo all of them come from the generated corpus:
 
 * **base**: the demo model trained with NTP on the prose + arithmetic blend;
-* **reference**: the base trained further on the arithmetic half only. This is an
-  SFT-style reference, not an RL-tuned one (the RMT issue will provide a GRPO-tuned one).
+* **sft**: the base trained further on the arithmetic half only (supervised, step-by-step
+  solutions);
+* **reference**: the sft model post-trained with verifiable-task GRPO on the arithmetic
+  problems (exact-match reward on the final answer), i.e. a genuinely RL-tuned reference;
+* **entropy/<dataset>**: the base model's per-token entropy index of each demo dataset
+  (``method=rmt``).
 
-Each is an ordinary run directory under the demo cache; an interrupted build resumes
-like any run, and a finished one is reused. All ranks take part (same layout as the
-main run); checkpoints are layout-independent, so later runs may use any TP/PP.
+Each model is an ordinary run directory under the demo cache; an interrupted build resumes
+like any run, and a finished one is reused. All ranks take part (same layout as the main
+run); checkpoints are layout-independent, so later runs may use any TP/PP.
 """
 
 from __future__ import annotations
@@ -18,13 +22,25 @@ import dataclasses
 import hashlib
 import json
 import os
+from types import SimpleNamespace
 
-from megatron_midtrain.config.schema import MidtrainConfig, NTPMethodConfig
+from megatron_midtrain.config.schema import GRPOMethodConfig, MidtrainConfig, NTPMethodConfig, OptimizerConfig, ScheduleConfig
 from megatron_midtrain.training import checkpoint as ckpt
 
-#: NTP steps of the base model on the demo blend, and of the reference on arithmetic only.
+#: NTP steps of the base model on the demo blend, and of the sft model on arithmetic only.
 BASE_STEPS = 60
-REFERENCE_STEPS = 30
+SFT_STEPS = 30
+#: GRPO steps that turn the sft model into the RL-tuned demo reference.
+GRPO_STEPS = 30
+#: The demo GRPO recipe (also conf/experiment/grpo_demo.yaml): 16 problems x 8 rollouts a step.
+GRPO_DEMO = dict(prompts_per_step=16, group_size=8, max_new_tokens=64, eval_problems=200, rollout_micro_batch_size=16)
+GRPO_LR = 1e-4
+
+
+def _is_rl(cfg: MidtrainConfig) -> bool:
+    from megatron_midtrain.losses import build_method
+
+    return bool(getattr(build_method(cfg.method), "is_rl", False))
 
 
 def uses_demo_reference(cfg: MidtrainConfig) -> bool:
@@ -39,34 +55,40 @@ def _models_root(cfg: MidtrainConfig) -> str:
     from megatron_midtrain.data.demo import default_cache_dir
 
     key = json.dumps(
-        [dataclasses.asdict(cfg.model), cfg.data.seq_length, cfg.train.global_batch_tokens, cfg.run.seed, BASE_STEPS, REFERENCE_STEPS],
+        [dataclasses.asdict(cfg.model), cfg.data.seq_length, cfg.train.global_batch_tokens, cfg.run.seed,
+         BASE_STEPS, SFT_STEPS, GRPO_STEPS, GRPO_DEMO, GRPO_LR],
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cfg.run.cache_dir or default_cache_dir(), f"demo-models-{digest}")
 
 
-def _stage_config(cfg: MidtrainConfig, run_dir: str, steps: int, math_weight: float, init_from: str | None) -> MidtrainConfig:
+def _stage_config(cfg: MidtrainConfig, run_dir: str, steps: int, math_weight: float, init_from: str | None,
+                  method=None, lr: float | None = None) -> MidtrainConfig:
     return dataclasses.replace(
         cfg,
-        method=NTPMethodConfig(),
+        method=method or NTPMethodConfig(),
         run=dataclasses.replace(cfg.run, dir=run_dir, plot=False, tensorboard=False),
         data=dataclasses.replace(cfg.data, demo_math_weight=math_weight),
         train=dataclasses.replace(
             cfg.train, max_steps=steps, save_interval=0, eval_interval=0, exit_at_step=None,
             init_from=init_from, inject_nonfinite_at=[], log_interval=max(1, steps // 4),
         ),
+        # The demo models follow their own recipe, whatever the user's run sets.
+        optimizer=dataclasses.replace(OptimizerConfig(), lr=lr) if lr else OptimizerConfig(),
+        schedule=ScheduleConfig(name="constant", warmup_steps=0) if lr else ScheduleConfig(),
+        lm_eval=dataclasses.replace(cfg.lm_eval, tasks=[]),
     )
 
 
 def _train_stage(stage_cfg: MidtrainConfig, label: str) -> str:
-    from megatron_midtrain.training.trainer import Trainer, log0
+    from megatron_midtrain.training.trainer import build_trainer, log0
 
     root = ckpt.checkpoint_root(stage_cfg.run.dir)
     if ckpt.latest_checkpoint(root) == stage_cfg.train.max_steps:
         return stage_cfg.run.dir
-    log0(f"[demo models] building the {label} ({stage_cfg.train.max_steps} NTP steps) in {stage_cfg.run.dir}")
-    trainer = Trainer(stage_cfg)
+    log0(f"[demo models] building the {label} ({stage_cfg.train.max_steps} steps) in {stage_cfg.run.dir}")
+    trainer = build_trainer(stage_cfg)
     try:
         trainer.train()
     finally:
@@ -74,16 +96,64 @@ def _train_stage(stage_cfg: MidtrainConfig, label: str) -> str:
     return stage_cfg.run.dir
 
 
-def ensure_demo_models(cfg: MidtrainConfig) -> tuple[str, str]:
-    """(base run dir, reference run dir), training them first if the cache lacks them. Collective."""
+def ensure_base_and_sft(cfg: MidtrainConfig) -> tuple[str, str]:
     root = _models_root(cfg)
-    base = _train_stage(_stage_config(cfg, os.path.join(root, "base"), BASE_STEPS, cfg.data.demo_math_weight, None), "base model")
-    reference = _train_stage(_stage_config(cfg, os.path.join(root, "reference"), REFERENCE_STEPS, 1.0, base), "reference (base + arithmetic only)")
+    base = _train_stage(_stage_config(cfg, os.path.join(root, "base"), BASE_STEPS, cfg.data.demo_math_weight, None), "base model (NTP)")
+    sft = _train_stage(_stage_config(cfg, os.path.join(root, "sft"), SFT_STEPS, 1.0, base), "sft model (base + arithmetic only)")
+    return base, sft
+
+
+def ensure_demo_models(cfg: MidtrainConfig) -> tuple[str, str]:
+    """(base run dir, RL-tuned reference run dir), training them first if the cache lacks them. Collective."""
+    base, sft = ensure_base_and_sft(cfg)
+    grpo = GRPOMethodConfig(**GRPO_DEMO)
+    ref_cfg = _stage_config(cfg, os.path.join(_models_root(cfg), "reference"), GRPO_STEPS, 1.0, sft, method=grpo, lr=GRPO_LR)
+    reference = _train_stage(ref_cfg, "RL-tuned reference (sft + verifiable-task GRPO on arithmetic)")
     return base, reference
 
 
-def with_demo_reference(cfg: MidtrainConfig) -> MidtrainConfig:
-    """Point a reference-based demo run at the cached base (policy init) and reference."""
+def ensure_demo_entropy(cfg: MidtrainConfig, base: str) -> list[str]:
+    """The base model's entropy index of each demo dataset (one dir per prefix). Collective."""
+    import torch.distributed as dist
+
+    from megatron_midtrain.rl.entropy import read_entropy_meta
+    from megatron_midtrain.rl.entropy_index import run as build_entropy
+    from megatron_midtrain.training.data import resolve_sources
+    from megatron_midtrain.training.distributed import broadcast_object
+
+    prefixes = broadcast_object(resolve_sources(cfg)[1] if (not dist.is_initialized() or dist.get_rank() == 0) else None)
+    dirs = []
+    for prefix in prefixes:
+        out = os.path.join(_models_root(cfg), "entropy", os.path.basename(prefix))
+        done = broadcast_object(os.path.isfile(os.path.join(out, "meta.json")) and read_entropy_meta(out).get("complete", False)
+                                if (not dist.is_initialized() or dist.get_rank() == 0) else None)
+        if not done:
+            args = SimpleNamespace(
+                checkpoint=base, data=prefix, output=out, tp=cfg.parallel.tp, pp=cfg.parallel.pp, window=cfg.data.seq_length,
+                stride=0, micro_batch_tokens=8192, block_tokens=1 << 16, thresholds=None, quantiles=(1 / 3, 2 / 3),
+                precision="auto", max_blocks=0, log_interval=0, keep_distributed=True,
+            )
+            build_entropy(args)
+        dirs.append(out)
+    return dirs
+
+
+def with_demo_models(cfg: MidtrainConfig) -> MidtrainConfig:
+    """Fill in what a demo run needs and was not given: the policy init, the reference, the entropy index."""
+    if cfg.data.paths:
+        return cfg
+    if _is_rl(cfg):
+        if cfg.method.name == "rmt":
+            if cfg.method.entropy_dirs and cfg.train.init_from:
+                return cfg
+            base, _ = ensure_base_and_sft(cfg)
+            dirs = list(cfg.method.entropy_dirs) or ensure_demo_entropy(cfg, base)
+            return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, entropy_dirs=dirs),
+                                       train=dataclasses.replace(cfg.train, init_from=cfg.train.init_from or base))
+        if cfg.train.init_from:
+            return cfg
+        _, sft = ensure_base_and_sft(cfg)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=sft))
     if not uses_demo_reference(cfg):
         return cfg
     base, reference = ensure_demo_models(cfg)
@@ -92,3 +162,7 @@ def with_demo_reference(cfg: MidtrainConfig) -> MidtrainConfig:
         reference=dataclasses.replace(cfg.reference, checkpoint=reference),
         train=dataclasses.replace(cfg.train, init_from=cfg.train.init_from or base),
     )
+
+
+#: Kept for callers of the ReMiT-only name.
+with_demo_reference = with_demo_models

@@ -122,6 +122,9 @@ class Progress:
             f"{record['tokens_per_s']:.0f} tok/s",
             f"ETA {_fmt_time(eta)}",
         ]
+        if "rl/reward_mean" in record:  # RL methods: what the rollouts earned
+            parts[1:1] = [f"reward {record['rl/reward_mean']:.3f}", f"acc {record['rl/accuracy']:.3f}",
+                          f"len {record['rl/response_len']:.1f}", f"gen {record['rl/gen_time_frac']:.0%}"]
         return " | ".join(parts)
 
 

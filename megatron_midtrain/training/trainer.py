@@ -71,6 +71,17 @@ def param_dtype(cfg) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def build_trainer(cfg) -> "Trainer":
+    """The trainer for ``cfg.method``: RL methods (rmt, grpo) run the rollout loop."""
+    from megatron_midtrain.losses import build_method
+
+    if getattr(build_method(cfg.method), "is_rl", False):
+        from megatron_midtrain.rl.trainer import RLTrainer
+
+        return RLTrainer(cfg)
+    return Trainer(cfg)
+
+
 class Trainer:
     def __init__(self, cfg):
         """``cfg``: a validated :class:`MidtrainConfig` (see config/loader.py)."""
@@ -314,17 +325,22 @@ class Trainer:
                     extra.update(sel)
         return extras
 
-    def _schedule(self, micro_batches, num_microbatches: int, forward_only: bool, method) -> list:
+    def _schedule(self, micro_batches, num_microbatches: int, forward_only: bool, method, seq_length: int | None = None) -> list:
+        seq_length = seq_length or self.cfg.data.seq_length
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, method),
             data_iterator=micro_batches,
             model=[self.model],
             num_microbatches=num_microbatches,
-            seq_length=self.cfg.data.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            decoder_seq_length=self.cfg.data.seq_length,
+            seq_length=seq_length,
+            micro_batch_size=self._micro_batch_size(micro_batches),
+            decoder_seq_length=seq_length,
             forward_only=forward_only,
         )
+
+    def _micro_batch_size(self, micro_batches) -> int:
+        # Rollout micro-batches (RL methods) carry their own size; corpus ones use the config's.
+        return getattr(micro_batches, "micro_batch_size", self.cfg.train.micro_batch_size)
 
     def _run_batches(self, batches: StepBatches, step_index: int, forward_only: bool, method) -> dict:
         extras = self._method_extras(batches, step_index, forward_only, method)

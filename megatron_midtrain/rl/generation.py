@@ -1,0 +1,333 @@
+"""Autoregressive generation (rollouts) with a megatron ``GPTModel`` stage under TP and PP.
+
+:func:`generate` samples responses for a list of token-id prompts, with megatron-core's own
+KV cache (:class:`megatron.core.inference.contexts.StaticInferenceContext`: every attention
+layer keeps its keys/values in preallocated buffers and offsets RoPE by the tokens already
+seen) or, for reference and benchmarks, by re-running the whole sequence at every step.
+
+Collective over the model-parallel group (TP x PP): every rank of that group calls it with
+the same prompts and parameters and gets the same :class:`GenerationResult`. Data-parallel
+replicas are independent (each passes its own prompts; nothing is exchanged between them).
+
+How one forward pass runs (prefill, then one per new token):
+
+* first pipeline stage: embeds the tokens; every other stage receives the previous stage's
+  hidden states ``[s, b, hidden]`` with ``torch.distributed.recv`` on the pipeline group and
+  hands them to the model with ``model.set_input_tensor`` (as megatron's schedules do), runs
+  its layers, and ``send``\\ s its output on; each stage keeps the KV cache of its own layers;
+* the last stage gets the full-vocabulary logits of the last position (megatron gathers the
+  TP shards, ``runtime_gather_output=True``), drops the padding columns (``>= vocab_size``)
+  and picks the next token: argmax (ties -> smallest id), or temperature + nucleus (top-p)
+  sampling with a ``torch.Generator`` seeded by ``seed``;
+* the chosen tokens are broadcast from TP rank 0 of the last stage to its TP group and then
+  from the last stage over the pipeline group, so every rank feeds the same tokens to the
+  next step and returns the same responses, bit for bit.
+
+Batching: rows are grouped by prompt length (the G rollouts of one GRPO prompt share it), so
+a batch needs no padding and no attention mask and the KV-cache result is exact (greedy
+generation is token-for-token equal with and without the cache). Each batch has at most
+``max_batch_rows`` rows. A row that has finished (EOS, stop string) keeps being computed
+until every row of its batch has finished; its extra tokens are discarded.
+
+Sequence parallelism, if the model was built with it, is switched off for the call (a
+decode step has one token, which cannot be split over TP ranks) and restored afterwards;
+the model runs in eval mode under ``torch.no_grad`` and gets its training flag back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_midtrain.errors import UserError
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+#: Attributes megatron uses to switch sequence parallelism on a module (see
+#: ``megatron.core.transformer.utils.set_model_to_sequence_parallel``).
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 or greedy=True -> argmax
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_id: Optional[int] = None  # stop a row when it emits this token (kept in the response)
+    # stop a row when its decoded response contains one (tokens up to and including the token
+    # that completed it are kept)
+    stop_strings: tuple[str, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    responses: list[list[int]]  # generated token ids per prompt row, trimmed after EOS/stop
+    finish_reasons: list[str]  # "eos" | "stop" | "length"
+    generated_tokens: int  # sum of len(responses)
+    seconds: float  # wall time of the call
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+
+
+def _check(model, prompts, params: SamplingParams, vocab_size: int, detokenize, max_batch_rows: int) -> None:
+    if params.max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={params.max_new_tokens} is negative", "use 0 or more")
+    if params.temperature < 0:
+        raise UserError(f"temperature={params.temperature} is negative", "use 0 (greedy) or a positive value")
+    if not 0.0 < params.top_p <= 1.0:
+        raise UserError(f"top_p={params.top_p} is outside (0, 1]", "use a value in (0, 1]; 1 disables nucleus sampling")
+    if params.stop_strings and detokenize is None:
+        raise UserError("stop_strings need a detokenize function", "pass detokenize=tokenizer.decode")
+    if any(not s for s in params.stop_strings):
+        raise UserError("stop_strings contains an empty string", "remove it")
+    if max_batch_rows < 1:
+        raise UserError(f"max_batch_rows={max_batch_rows} must be >= 1", "use 1 or more")
+    padded = getattr(model, "vocab_size", vocab_size)
+    if not 0 < vocab_size <= padded:
+        raise UserError(f"vocab_size={vocab_size} is outside 1..{padded} (the model's padded vocabulary)",
+                        "pass the tokenizer's vocabulary size")
+    if params.eos_id is not None and not 0 <= params.eos_id < vocab_size:
+        raise UserError(f"eos_id={params.eos_id} is outside the vocabulary (0..{vocab_size - 1})", "pass the tokenizer's EOS id")
+    limit = getattr(model, "max_sequence_length", None)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise UserError(f"prompt {i} is empty", "give every prompt at least one token (e.g. BOS)")
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise UserError(f"prompt {i} has a token id outside the vocabulary (0..{vocab_size - 1})",
+                            "tokenize with the model's tokenizer")
+        if limit is not None and len(prompt) + params.max_new_tokens > limit:
+            raise UserError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens={params.max_new_tokens} exceeds the "
+                            f"model context ({limit})", "shorten the prompt or lower max_new_tokens")
+
+
+# ----------------------------------------------------------------------------------------
+# sampling (last pipeline stage)
+# ----------------------------------------------------------------------------------------
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, vocab_size: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``[b, V_padded]`` full-vocabulary logits -> ``[b]`` int64 token ids (< ``vocab_size``)."""
+    logits = logits[:, :vocab_size].float()
+    if params.is_greedy:
+        return logits.argmax(dim=-1)  # first maximum: ties go to the smallest id
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
+        keep = before < params.top_p
+        keep[:, 0] = True
+        choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+        return order.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------
+# one forward pass through the pipeline
+# ----------------------------------------------------------------------------------------
+
+
+class _Pipeline:
+    """This rank's place in the model-parallel group and the p2p / broadcast plumbing."""
+
+    def __init__(self, model, device: torch.device):
+        from megatron.core import parallel_state as ps
+
+        self.model = model
+        self.device = device
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.pp_group = ps.get_pipeline_model_parallel_group() if self.pp_size > 1 else None
+        self.tp_group = ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+        if self.pp_size > 1:
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+            self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
+        if self.tp_size > 1:
+            self.tp_src_rank = ps.get_tensor_model_parallel_src_rank()
+        config = model.config
+        self.hidden = config.hidden_size
+        self.pipe_dtype = config.pipeline_dtype or config.params_dtype
+
+    def forward(self, tokens: torch.Tensor, start: int, context) -> Optional[torch.Tensor]:
+        """Run ``tokens`` ``[b, s]`` (at positions ``start..start+s-1``) through this stage.
+
+        Returns the last position's full-vocabulary logits ``[b, V_padded]`` on the last
+        stage, ``None`` elsewhere.
+        """
+        b, s = tokens.shape
+        if not self.first:
+            received = torch.empty(s, b, self.hidden, dtype=self.pipe_dtype, device=self.device)
+            dist.recv(received, src=self.prev_rank, group=self.pp_group)
+            self.model.set_input_tensor(received)
+        elif self.pp_size > 1:
+            self.model.set_input_tensor(None)
+        positions = torch.arange(start, start + s, device=self.device).unsqueeze(0).expand(b, s)
+        output = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+        if context is not None:
+            context.increment_sequence_len_offset(s)
+        if not self.last:
+            dist.send(output.to(self.pipe_dtype).contiguous(), dst=self.next_rank, group=self.pp_group)
+            return None
+        return output[:, -1, :]  # [b, s or 1, V] -> [b, V]
+
+    def share(self, chosen: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+        """The last stage's chosen tokens ``[rows]`` -> the same tensor on every rank."""
+        if not self.last:
+            chosen = torch.empty(rows, dtype=torch.long, device=self.device)
+        chosen = chosen.to(torch.long).contiguous()
+        if self.last and self.tp_size > 1:  # TP rank 0 of the last stage decides
+            dist.broadcast(chosen, src=self.tp_src_rank, group=self.tp_group)
+        if self.pp_size > 1:
+            dist.broadcast(chosen, src=self.pp_last_rank, group=self.pp_group)
+        return chosen
+
+
+def _sequence_parallel_off(model) -> list:
+    """Switch sequence parallelism off on every module that has the flag; returns what to restore."""
+    saved = []
+    for module in model.modules():
+        for attr in _SP_ATTRS:
+            if getattr(module, attr, False) is True:
+                saved.append((module, attr))
+                setattr(module, attr, False)
+    if getattr(model.config, "sequence_parallel", False):
+        saved.append((model.config, "sequence_parallel"))
+        model.config.sequence_parallel = False
+    return saved
+
+
+def _finished(params: SamplingParams, response: list[int], detokenize) -> Optional[str]:
+    if params.eos_id is not None and response[-1] == params.eos_id:
+        return "eos"
+    if params.stop_strings:
+        text = detokenize(response)
+        if any(stop in text for stop in params.stop_strings):
+            return "stop"
+    if len(response) >= params.max_new_tokens:
+        return "length"
+    return None
+
+
+def _generate_batch(pipe: _Pipeline, prompt_tokens: torch.Tensor, params: SamplingParams, vocab_size: int,
+                    generator, detokenize, use_kv_cache: bool):
+    """One batch of equal-length prompts ``[b, L]`` -> (responses, finish reasons)."""
+    b, length = prompt_tokens.shape
+    responses: list[list[int]] = [[] for _ in range(b)]
+    reasons: list[Optional[str]] = [None] * b
+    if params.max_new_tokens == 0:
+        return responses, ["length"] * b
+    context = None
+    if use_kv_cache:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=length + params.max_new_tokens)
+    sequence = prompt_tokens
+    for step in range(params.max_new_tokens):
+        if context is not None and step > 0:
+            inputs, start = sequence[:, -1:], length + step - 1
+        else:
+            inputs, start = sequence, 0
+        logits = pipe.forward(inputs, start, context)
+        if context is not None and step == 0:
+            context.enable_decode_mode()
+        chosen = sample_next(logits, params, vocab_size, generator) if pipe.last else None
+        chosen = pipe.share(chosen, b)
+        sequence = torch.cat([sequence, chosen[:, None]], dim=1)
+        for row, token in enumerate(chosen.tolist()):
+            if reasons[row] is None:
+                responses[row].append(token)
+                reasons[row] = _finished(params, responses[row], detokenize)
+        if all(r is not None for r in reasons):
+            break
+    return responses, reasons
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_size: int, seed: int = 0,
+             detokenize: Optional[Callable[[list[int]], str]] = None, use_kv_cache: bool = True, device=None,
+             max_batch_rows: int = 64) -> GenerationResult:
+    """Generate a response for every prompt with this rank's GPTModel stage ``model``.
+
+    Collective over the model-parallel group (TP x PP): every rank of it must call this with
+    the same ``prompts``, ``params``, ``seed`` (and a deterministic ``detokenize``), and every
+    rank returns the same result. Data-parallel ranks are independent: no communication
+    crosses the data-parallel group. ``model`` is the unwrapped stage (``ddp_model.module``),
+    with megatron's parallel state already set up for its TP/PP layout.
+
+    Pipeline parallelism: each forward (the prompt prefill, then one step per new token) is
+    passed stage to stage with ``torch.distributed.send``/``recv`` on the pipeline group
+    (non-first stages get their input through ``model.set_input_tensor``); the last stage
+    picks the next tokens from the TP-gathered logits and broadcasts them to all stages.
+
+    Batching: prompts are grouped by length (in GRPO the rollouts of one prompt share it) and
+    split into batches of at most ``max_batch_rows`` rows, so no padding or mask is needed and
+    the KV cache is exact. Rows finishing early keep running until their batch is done; the
+    extra tokens are dropped.
+
+    Args:
+        model: GPTModel stage (embedding on the first stage, output layer on the last).
+        prompts: token ids per row (each non-empty, ids < ``vocab_size``).
+        params: :class:`SamplingParams`. A row stops at ``eos_id`` (kept), when its decoded
+            response contains one of ``stop_strings`` (tokens up to the completing one kept),
+            or after ``max_new_tokens``; the finish reason is checked in that order ("eos",
+            "stop", "length"). The response excludes the prompt.
+        vocab_size: the tokenizer's vocabulary; logits columns past it (megatron's vocabulary
+            padding) are never chosen.
+        seed: seeds the ``torch.Generator`` used for sampling (one per call, consumed batch
+            by batch in order of increasing prompt length); same seed, same rollouts.
+        detokenize: ``list[int] -> str``, needed only for ``stop_strings``.
+        use_kv_cache: False re-runs the full sequence at every step (reference path for tests
+            and benchmarks: it also materialises the logits of every position).
+        device: where inputs are placed (default: the current CUDA device, else the CPU).
+        max_batch_rows: cap on rows per batch (bounds KV-cache memory).
+    """
+    t0 = time.perf_counter()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    _check(model, prompts, params, vocab_size, detokenize, max_batch_rows)
+    pipe = _Pipeline(model, device)
+
+    groups: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(i)
+    batches = [rows[k:k + max_batch_rows] for _, rows in sorted(groups.items()) for k in range(0, len(rows), max_batch_rows)]
+
+    generator = None
+    if pipe.last and not params.is_greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    responses: list[list[int]] = [[] for _ in prompts]
+    reasons: list[str] = ["length"] * len(prompts)
+    was_training = model.training
+    restore_sp = _sequence_parallel_off(model)
+    model.eval()
+    try:
+        for rows in batches:
+            tokens = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+            out, why = _generate_batch(pipe, tokens, params, vocab_size, generator, detokenize, use_kv_cache)
+            for r, i in enumerate(rows):
+                responses[i], reasons[i] = out[r], why[r]
+    finally:
+        if pipe.pp_size > 1:
+            model.set_input_tensor(None)
+        for obj, attr in restore_sp:
+            setattr(obj, attr, True)
+        model.train(was_training)
+    return GenerationResult(responses=responses, finish_reasons=reasons,
+                            generated_tokens=sum(len(r) for r in responses), seconds=time.perf_counter() - t0)
