@@ -1,4 +1,4 @@
-"""The embedded demo's ReMiT path: base + SFT-style reference built on first use, then reused."""
+"""The embedded demo's ReMiT path: base, sft and the GRPO-tuned reference built on first use, then reused."""
 
 import os
 
@@ -14,7 +14,9 @@ def _demo_remit(run_dir, cache_dir):
     from megatron_midtrain.training.metrics import read_metrics
     from megatron_midtrain.training.trainer import Trainer
 
-    demo_models.BASE_STEPS, demo_models.REFERENCE_STEPS = 3, 2  # tiny, for the test
+    # tiny, for the test (the GRPO stage runs the real rollout loop and held-out evaluation at DP2)
+    demo_models.BASE_STEPS, demo_models.SFT_STEPS, demo_models.GRPO_STEPS = 3, 2, 2
+    demo_models.GRPO_DEMO = dict(prompts_per_step=2, group_size=4, max_new_tokens=12, eval_problems=6, rollout_micro_batch_size=2)
     cfg = load_config(TEST_OVERRIDES + [f"run.dir={run_dir}", f"run.cache_dir={cache_dir}", "train.max_steps=2"])
     assert cfg.method.name == "remit"  # the default method
     cfg = demo_models.with_demo_reference(cfg)
@@ -23,7 +25,9 @@ def _demo_remit(run_dir, cache_dir):
         trainer.train()
     finally:
         trainer.close()
-    return {"reference": cfg.reference.checkpoint, "init_from": cfg.train.init_from, "records": read_metrics(run_dir)}
+    ref_records = read_metrics(cfg.reference.checkpoint)
+    return {"reference": cfg.reference.checkpoint, "init_from": cfg.train.init_from, "records": read_metrics(run_dir),
+            "ref_records": ref_records}
 
 
 def test_default_method_on_demo_builds_and_uses_demo_reference(tmp_path):
@@ -35,7 +39,16 @@ def test_default_method_on_demo_builds_and_uses_demo_reference(tmp_path):
     base, ref = out["init_from"], out["reference"]
     assert os.path.basename(base) == "base" and os.path.basename(ref) == "reference"
     ref_cfg = yaml.safe_load(open(os.path.join(ref, "config.yaml")))
-    assert ref_cfg["data"]["demo_math_weight"] == 1.0 and ref_cfg["train"]["init_from"] == base
+    sft = os.path.join(os.path.dirname(ref), "sft")
+    sft_cfg = yaml.safe_load(open(os.path.join(sft, "config.yaml")))
+    assert sft_cfg["data"]["demo_math_weight"] == 1.0 and sft_cfg["train"]["init_from"] == base
+    # the reference is the sft model after verifiable-task GRPO (exact-match rewards, held-out accuracy)
+    assert ref_cfg["method"]["name"] == "grpo" and ref_cfg["train"]["init_from"] == sft
+    ref_records = out["ref_records"]
+    assert [r["step"] for r in ref_records] == [1, 2]
+    assert "rl/heldout_accuracy_before" in ref_records[0] and "rl/heldout_accuracy" in ref_records[-1]
+    assert {"rl/reward_mean", "rl/accuracy", "rl/gen_tokens_per_s", "rl/gen_time_frac"} <= ref_records[0].keys()
+    assert ref_records[0]["rl/response_len"] > 0
     records = out["records"]
     assert [r["step"] for r in records] == [1, 2]
     assert {"remit/w_mean", "remit/w_std", "remit/frac_low", "remit/frac_high", "remit/delta_mean"} <= records[0].keys()

@@ -90,8 +90,62 @@ def test_rl_plus_ntp_loss_is_parallel_invariant_for_fixed_rollouts(tmp_path, ent
         assert r["rl/ntp_loss"] > 0 and abs(r["rl/rl_loss"]) > 0 and r["grad_norm"] > 0
         assert r["rl/reward_std"] > 0
     for name in ("tp2", "pp2"):
+        worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(ref, runs[name]))
+        print(f"RL+NTP loss, {name} vs tp1, fixed rollouts: max relative difference {worst:.2e}")
         for a, b in zip(ref, runs[name]):
             for key in ("loss", "rl/rl_loss", "rl/ntp_loss"):
                 assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]) + 1e-12, (name, a["step"], key, a[key], b[key])
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (name, a["grad_norm"], b["grad_norm"])
             assert a["rl/reward_mean"] == b["rl/reward_mean"]
+
+
+def _real_rollouts_then_bad_input(overrides, bad_overrides, bad_dir):
+    import torch.distributed as dist
+
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.errors import UserError
+    from megatron_midtrain.testing.runs import with_test_defaults
+    from megatron_midtrain.training.metrics import read_metrics
+    from megatron_midtrain.training.trainer import build_trainer
+
+    message = None
+    try:  # an entropy index of another dataset: refused before anything is written
+        build_trainer(load_config(with_test_defaults(bad_overrides)))
+    except UserError as err:
+        message = str(err)
+    bad_written = os.path.exists(bad_dir)
+    cfg = load_config(with_test_defaults(overrides))
+    trainer = build_trainer(cfg)
+    try:
+        trainer.train()
+        rank0 = dist.get_rank() == 0
+    finally:
+        trainer.close()
+    return {"records": read_metrics(cfg.run.dir) if rank0 else None, "message": message, "bad_written": bad_written}
+
+
+def test_rmt_loop_with_real_rollouts_at_dp2(tmp_path, entropy_dirs):
+    dirs = f"method.entropy_dirs=[{entropy_dirs[0]},{entropy_dirs[1]}]"
+    swapped = f"method.entropy_dirs=[{entropy_dirs[1]},{entropy_dirs[0]}]"
+    overrides = RMT_TEST + [dirs, f"run.dir={tmp_path / 'run'}", "method.max_new_tokens_steps=[2]",
+                            "method.max_new_tokens_values=[6]", "method.temperature=1.0"]
+    bad = RMT_TEST + [swapped, f"run.dir={tmp_path / 'bad'}"]
+    out = run_distributed(_real_rollouts_then_bad_input, 2, overrides, bad, str(tmp_path / "bad"))
+    msg = out[0]["message"]
+    assert msg and "\n" not in msg and "does not line up" in msg and "fix:" in msg
+    assert not out[0]["bad_written"] and not out[1]["bad_written"]
+    records = out[0]["records"]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("rl/reward_mean", "rl/reward_std", "rl/accuracy", "rl/response_len", "rl/budget", "rl/len_over_budget",
+                    "rl/bucket_easy", "rl/bucket_medium", "rl/bucket_hard", "rl/clip_frac", "rl/kl",
+                    "rl/gen_tokens_per_s", "rl/gen_time_s", "rl/train_time_s", "rl/gen_time_frac", "rl/ntp_loss", "rl/pg_loss"):
+            assert key in r, key
+        assert abs(r["rl/bucket_easy"] + r["rl/bucket_medium"] + r["rl/bucket_hard"] - 1.0) < 1e-9
+        assert 0 < r["rl/response_len"] <= r["rl/max_new_tokens"]
+        assert r["rl/gen_tokens_per_s"] > 0 and r["grad_norm"] > 0
+    # budget B_t = max(1, floor(4 * 0.5^(t/T))) and the max-length schedule's step-up at step 2
+    assert [r["rl/budget"] for r in records] == [4, 2]
+    assert [r["rl/max_new_tokens"] for r in records] == [8, 6]
+    # the first step is on-policy: the recomputed old log-probs are the policy's, so the ratio is 1
+    assert abs(records[0]["rl/ratio_mean"] - 1.0) < 1e-5 and records[0]["rl/clip_frac"] == 0.0

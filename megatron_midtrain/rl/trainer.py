@@ -112,15 +112,6 @@ class RLTrainer(Trainer):
         rl = cfg.method
         self.rl = rl
         self.tokenizer = self.data.tokenizer
-        dp = self.layout.dp
-        if rl.prompts_per_step % dp:
-            raise UserError(f"method.prompts_per_step={rl.prompts_per_step} is not divisible by DP={dp}",
-                            "use a multiple of the data-parallel size")
-        self.prompts_per_rank = rl.prompts_per_step // dp
-        rows = self.prompts_per_rank * rl.group_size
-        if rows % rl.rollout_micro_batch_size:
-            raise UserError(f"{rows} rollouts per DP rank (prompts_per_step/DP x group_size) are not divisible by "
-                            f"method.rollout_micro_batch_size={rl.rollout_micro_batch_size}", "pick a divisor")
         if rl.name == "rmt":
             self.task = NextTokenTask(self, rl.entropy_dirs)
         else:
@@ -132,6 +123,32 @@ class RLTrainer(Trainer):
         #: Test hook: ``fn(step, prompt_rows) -> GenerationResult`` replaces generation, so that
         #: a test can feed identical rollouts to runs under different layouts.
         self.fixed_responses = None
+
+    def _check_method_inputs(self, sources) -> None:
+        """Layout and side-data checks, before the run directory is written."""
+        from megatron_midtrain.rl.entropy import check_entropy_alignment
+        from megatron_midtrain.rl.tasks import read_problems
+
+        rl, dp = self.cfg.method, self.layout.dp
+        if rl.prompts_per_step % dp:
+            raise UserError(f"method.prompts_per_step={rl.prompts_per_step} is not divisible by DP={dp}",
+                            "use a multiple of the data-parallel size")
+        self.prompts_per_rank = rl.prompts_per_step // dp
+        rows = self.prompts_per_rank * rl.group_size
+        if rows % rl.rollout_micro_batch_size:
+            raise UserError(f"{rows} rollouts per DP rank (prompts_per_step/DP x group_size) are not divisible by "
+                            f"method.rollout_micro_batch_size={rl.rollout_micro_batch_size}", "pick a divisor")
+        if rl.name == "rmt":
+            _, prefixes, _ = sources
+            if len(rl.entropy_dirs) != len(prefixes):
+                raise UserError(f"method.entropy_dirs has {len(rl.entropy_dirs)} entries for {len(prefixes)} datasets",
+                                "give one entropy index (tools/preprocess_entropy.py --output DIR) per data path, in order")
+            for d, prefix in zip(rl.entropy_dirs, prefixes):
+                check_entropy_alignment(d, prefix, self.tokenizer_id)
+        else:
+            for path, what in ((rl.task_file, "method.task_file"), (rl.eval_file, "method.eval_file")):
+                if path:
+                    read_problems(path, what)
 
     def _build_kl_reference(self):
         if not self.cfg.reference.checkpoint:
@@ -258,7 +275,7 @@ class RLTrainer(Trainer):
                     b["rl_mask"] = m
                     b["ntp_normalizer"] = torch.tensor(ntp_norm, dtype=torch.float64)
                 reports = self._schedule(iter(corpus), len(corpus), False, self.method)
-                report.update(self._reduce_reports(reports, self.method))
+                report.update({k: v for k, v in self._reduce_reports(reports, self.method).items() if k != "loss"})
             reports = self._schedule(batches.iterator(), len(batches), False, self.grpo_loss, seq_length=rollout_len)
             report.update({k: v for k, v in self._reduce_reports(reports, self.grpo_loss).items() if k != "loss"})
         finally:

@@ -96,9 +96,15 @@ def _train_stage(stage_cfg: MidtrainConfig, label: str) -> str:
     return stage_cfg.run.dir
 
 
+def ensure_base(cfg: MidtrainConfig) -> str:
+    """The demo base model's run dir (trained first if missing). Collective."""
+    root = _models_root(cfg)
+    return _train_stage(_stage_config(cfg, os.path.join(root, "base"), BASE_STEPS, cfg.data.demo_math_weight, None), "base model (NTP)")
+
+
 def ensure_base_and_sft(cfg: MidtrainConfig) -> tuple[str, str]:
     root = _models_root(cfg)
-    base = _train_stage(_stage_config(cfg, os.path.join(root, "base"), BASE_STEPS, cfg.data.demo_math_weight, None), "base model (NTP)")
+    base = ensure_base(cfg)
     sft = _train_stage(_stage_config(cfg, os.path.join(root, "sft"), SFT_STEPS, 1.0, base), "sft model (base + arithmetic only)")
     return base, sft
 
@@ -146,7 +152,7 @@ def with_demo_models(cfg: MidtrainConfig) -> MidtrainConfig:
         if cfg.method.name == "rmt":
             if cfg.method.entropy_dirs and cfg.train.init_from:
                 return cfg
-            base, _ = ensure_base_and_sft(cfg)
+            base = ensure_base(cfg)
             dirs = list(cfg.method.entropy_dirs) or ensure_demo_entropy(cfg, base)
             return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, entropy_dirs=dirs),
                                        train=dataclasses.replace(cfg.train, init_from=cfg.train.init_from or base))

@@ -115,6 +115,7 @@ class Trainer:
         self.tokenizer_id = tokenizer_fingerprint(sources[0])
         self.tokenizer_path = sources[0].path
         self.method = build_method(cfg.method, eod_id=sources[0].eod)
+        self._check_method_inputs(sources)
         # Validation loss is always plain NTP, so runs of different methods compare.
         self.eval_method = NTPMethod()
         if cfg.lm_eval.tasks:  # optional lm-eval tasks during training: check them before any work
@@ -137,6 +138,9 @@ class Trainer:
             signal.signal(sig, self._request_stop)
 
     # ------------------------------------------------------------------ set-up
+    def _check_method_inputs(self, sources) -> None:
+        """Method-specific input checks that must fail before anything is written (subclasses)."""
+
     def _choose_run_dir(self) -> str:
         run_dir = self.cfg.run.dir
         if not run_dir and self.rank0:
