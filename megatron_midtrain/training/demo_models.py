@@ -31,7 +31,7 @@ from megatron_midtrain.training import checkpoint as ckpt
 BASE_STEPS = 60
 SFT_STEPS = 30
 #: GRPO steps that turn the sft model into the RL-tuned demo reference.
-GRPO_STEPS = 30
+GRPO_STEPS = 20
 #: The demo GRPO recipe (also conf/experiment/grpo_demo.yaml): 16 problems x 8 rollouts a step.
 GRPO_DEMO = dict(prompts_per_step=16, group_size=8, max_new_tokens=64, eval_problems=200, rollout_micro_batch_size=16)
 GRPO_LR = 1e-4
