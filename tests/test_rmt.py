@@ -46,11 +46,11 @@ RMT_TEST = [
     "method=rmt", "method.prompts_per_step=4", "method.group_size=4", "method.rollout_micro_batch_size=4",
     "method.max_new_tokens=8", "method.prompt_template='{context}'", "method.answer_format=plain",
     "method.context_tokens=32", "method.budget_b0=4", "method.budget_gamma=0.5", "train.max_steps=2",
-    "optimizer.lr=1e-3",
+    "optimizer.lr=1e-3", "schedule.warmup_steps=0",  # step 1 really updates the weights
 ]
 
 
-def _train_fixed(overrides):
+def _train_fixed(overrides, keep_distributed=False):
     import torch.distributed as dist
 
     from megatron_midtrain.config.loader import load_config
@@ -65,8 +65,19 @@ def _train_fixed(overrides):
         trainer.train()
         rank0 = dist.get_rank() == 0
     finally:
-        trainer.close()
+        trainer.close(keep_distributed=keep_distributed)
     return read_metrics(cfg.run.dir) if rank0 else None
+
+
+def _train_fixed_and_kl(overrides, root):
+    """The fixed-rollout run, then the same with a k3 KL (beta > 0) to the initial policy."""
+    from megatron_midtrain.testing.runs import save_initial_checkpoint
+
+    plain = _train_fixed(overrides + [f"run.dir={root}/plain"], keep_distributed=True)
+    ref = save_initial_checkpoint(RMT_TEST[:1] + [o for o in overrides if o.startswith("method.entropy_dirs")]
+                                  + [f"run.dir={root}/init"], keep_distributed=True)
+    kl = _train_fixed(overrides + [f"run.dir={root}/kl", "method.kl_beta=0.5", f"reference.checkpoint={ref}"])
+    return {"plain": plain, "kl": kl}
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +93,15 @@ def entropy_dirs(tmp_path_factory):
 def test_rl_plus_ntp_loss_is_parallel_invariant_for_fixed_rollouts(tmp_path, entropy_dirs):
     dirs = f"method.entropy_dirs=[{entropy_dirs[0]},{entropy_dirs[1]}]"
     runs = {}
-    for name, world, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
+    tp1 = run_distributed(_train_fixed_and_kl, 1, RMT_TEST + [dirs], str(tmp_path / "tp1"))[0]
+    runs["tp1"] = tp1["plain"]
+    for name, world, extra in (("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
         runs[name] = run_distributed(_train_fixed, world, RMT_TEST + [dirs, f"run.dir={tmp_path / name}"] + extra)[0]
+    # k3 KL to the initial policy: exactly 0 before the first update, positive after it, and
+    # beta * KL enters the loss (the policy-gradient part is the same at step 1)
+    kl = tp1["kl"]
+    assert kl[0]["rl/kl"] == 0.0 and kl[1]["rl/kl"] > 0
+    assert abs(kl[0]["rl/pg_loss"] - tp1["plain"][0]["rl/pg_loss"]) <= 1e-6 * abs(tp1["plain"][0]["rl/pg_loss"]) + 1e-12
     ref = runs["tp1"]
     assert [r["step"] for r in ref] == [1, 2]
     for r in ref:  # both terms of the dual objective are live

@@ -20,7 +20,6 @@ exchanges fixed-shape activations); padding is outside every mask.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -285,13 +284,7 @@ class RLTrainer(Trainer):
         loss = report.get("rl/rl_loss", float("nan")) + self.method.ntp_weight * report.get("rl/ntp_loss", 0.0)
         if self._inject_nonfinite:
             loss = float("nan")
-        skipped = not math.isfinite(loss)
-        grad_norm = float("nan")
-        if not skipped:
-            ok, grad_norm, _ = self.optimizer.step()
-            skipped = not ok
-        self.scheduler.step(increment=1)
-        self.step = step
+        skipped, grad_norm = self._optimizer_step(step, loss)
         now = time.perf_counter()
         train_time = now - train_start
 

@@ -377,14 +377,7 @@ class Trainer:
         self.optimizer.zero_grad()
         report = self._run_batches(self.train_batches, step - 1, forward_only=False, method=self.method)
         loss = report["loss"]
-        skipped = not math.isfinite(loss)
-        grad_norm = float("nan")
-        if not skipped:
-            ok, grad_norm, _ = self.optimizer.step()
-            skipped = not ok
-        # The schedule advances even on a skipped step, so the LR stays a function of the step.
-        self.scheduler.step(increment=1)
-        self.step = step
+        skipped, grad_norm = self._optimizer_step(step, loss)
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_tokens
         record = {
@@ -400,6 +393,18 @@ class Trainer:
             record["skipped"] = True
         record.update({k: v for k, v in report.items() if k != "loss"})
         return record
+
+    def _optimizer_step(self, step: int, loss: float) -> tuple[bool, float]:
+        """Step the optimizer unless the loss is non-finite; ``(skipped, grad_norm)``.
+        The LR schedule advances even on a skipped step, so the LR stays a function of the step."""
+        skipped = not math.isfinite(loss)
+        grad_norm = float("nan")
+        if not skipped:
+            ok, grad_norm, _ = self.optimizer.step()
+            skipped = not ok
+        self.scheduler.step(increment=1)
+        self.step = step
+        return skipped, grad_norm
 
     def evaluate(self) -> float:
         if self.valid_batches is None:
