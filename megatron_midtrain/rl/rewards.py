@@ -28,7 +28,7 @@ from fractions import Fraction
 
 import torch
 
-ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is")
+ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is", "plain")
 COMBINE_MODES = ("sum", "weighted", "product")
 
 #: Default penalty for a response without a parseable answer (missing tag / unbalanced ``\boxed{``).
@@ -122,6 +122,7 @@ def extract_answer(text: str, answer_format: str = "answer_tag") -> str | None:
       braces balanced; an unbalanced one counts as missing.
     * ``answer_is``: the rest of the line after the last "The answer is" (the demo corpus's
       arithmetic format), with one trailing period removed.
+    * ``plain``: the whole response (for base models without an answer format).
 
     Returns ``""``-like strings as they are: the caller distinguishes empty from missing.
     """
@@ -134,6 +135,8 @@ def extract_answer(text: str, answer_format: str = "answer_tag") -> str | None:
         return matches[-1] if matches else None
     if answer_format == "boxed":
         return _last_boxed(text)
+    if answer_format == "plain":
+        return text
     matches = _ANSWER_IS_RE.findall(text)
     if not matches:
         return None

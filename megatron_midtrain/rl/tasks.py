@@ -67,22 +67,10 @@ def response_text(tokenizer, response: list[int], eos_id: int | None, stop_strin
 
 def score_next_token(text: str, prompt: Prompt, cfg) -> rw.RewardResult:
     """RPT prefix-match correctness of one response (``plain``: the whole response is the prediction)."""
-    if cfg.answer_format == "plain":
-        pred = text.strip()
-        if not pred:
-            return rw.RewardResult(float(cfg.empty_penalty), rw.STATUS_EMPTY, pred)
-        ok = rw.prefix_match(pred, prompt.target_bytes)
-        return rw.RewardResult(1.0 if ok else 0.0, rw.STATUS_CORRECT if ok else rw.STATUS_WRONG, pred)
     return rw.score_prefix_match(text, prompt.target_bytes, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty)
 
 
 def score_verifiable(text: str, prompt: Prompt, cfg) -> rw.RewardResult:
-    if cfg.answer_format == "plain":
-        pred = text.strip()
-        if not pred:
-            return rw.RewardResult(float(cfg.empty_penalty), rw.STATUS_EMPTY, pred)
-        ok = rw.normalize_answer(pred) == rw.normalize_answer(str(prompt.answer))
-        return rw.RewardResult(1.0 if ok else 0.0, rw.STATUS_CORRECT if ok else rw.STATUS_WRONG, pred)
     return rw.score_exact_match(text, prompt.answer, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty)
 
 

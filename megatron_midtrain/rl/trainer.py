@@ -21,6 +21,7 @@ exchanges fixed-shape activations); padding is outside every mask.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -177,20 +178,8 @@ class RLTrainer(Trainer):
         return [None] * len(batches)
 
     def _reference_logprobs(self, batches: _MicroBatches) -> list:
-        ref = self.kl_reference
-
-        def schedule(micro_batches, n, forward_only, method, seq_length):
-            from functools import partial
-
-            from megatron.core.pipeline_parallel import get_forward_backward_func
-
-            return get_forward_backward_func()(
-                forward_step_func=partial(self._forward_step, method), data_iterator=micro_batches, model=[ref.model],
-                num_microbatches=n, seq_length=seq_length, micro_batch_size=batches.micro_batch_size,
-                decoder_seq_length=seq_length, forward_only=True)
-
         with torch.no_grad():
-            return self._logprobs(schedule, batches)
+            return self._logprobs(partial(self._schedule, model=self.kl_reference.model), batches)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:

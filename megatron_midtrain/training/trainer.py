@@ -329,12 +329,14 @@ class Trainer:
                     extra.update(sel)
         return extras
 
-    def _schedule(self, micro_batches, num_microbatches: int, forward_only: bool, method, seq_length: int | None = None) -> list:
+    def _schedule(self, micro_batches, num_microbatches: int, forward_only: bool, method, seq_length: int | None = None,
+                  model=None) -> list:
+        """megatron's schedule over ``micro_batches`` on the policy (or on ``model``, e.g. a frozen reference)."""
         seq_length = seq_length or self.cfg.data.seq_length
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, method),
             data_iterator=micro_batches,
-            model=[self.model],
+            model=[model if model is not None else self.model],
             num_microbatches=num_microbatches,
             seq_length=seq_length,
             micro_batch_size=self._micro_batch_size(micro_batches),
