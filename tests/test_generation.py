@@ -86,6 +86,9 @@ def _tp1_extras(model, prompts) -> dict:
         "temperature0": generate(model, prompts, SamplingParams(max_new_tokens=NEW, temperature=0.0), vocab_size=VOCAB),
         "batch_rows_2": generate(model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True), vocab_size=VOCAB,
                                  max_batch_rows=2),
+        # one row per batch: no padding, no mask (the default puts all six lengths in one padded batch)
+        "batch_rows_1": generate(model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True), vocab_size=VOCAB,
+                                 max_batch_rows=1),
     }
     greedy = generate(model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True), vocab_size=VOCAB).responses
     # EOS: the token that most rows emit (kept; each row stops where it first emits it)
@@ -218,6 +221,26 @@ def test_rollouts_of_one_prompt(world):
 
 def test_batch_cap_does_not_change_greedy_tokens(world):
     assert world[0]["tp1_extras"]["batch_rows_2"].responses == world[0]["tp1"]["greedy_kv"].responses
+
+
+def test_left_padded_batch_equals_unpadded_rows(world):
+    """Prompts of 5, 9 and 13 tokens in one left-padded, masked batch give the tokens each
+    prompt gets alone (RoPE is relative, the padding is masked out)."""
+    assert len(set(PROMPT_LENGTHS)) > 1
+    assert world[0]["tp1_extras"]["batch_rows_1"].responses == world[0]["tp1"]["greedy_kv"].responses
+
+
+def test_padding_mask_blocks_pad_keys_but_not_the_diagonal():
+    from megatron_midtrain.rl.generation import _attention_mask
+
+    key_pad = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    forbidden = _attention_mask(key_pad, 4)[:, 0]
+    causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    assert torch.equal(forbidden[1], causal)
+    assert forbidden[0].tolist() == [[False, True, True, True], [True, False, True, True],
+                                     [True, True, False, True], [True, True, False, False]]
+    decode = _attention_mask(torch.cat([key_pad, torch.zeros(2, 1, dtype=torch.bool)], 1), 1)[:, 0, 0]
+    assert decode.tolist() == [[True, True, False, False, False], [False] * 5]
 
 
 # ----------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 150
+    max_steps: int = 100
     """Optimizer steps. Re-running a run.dir with a larger value resumes and continues."""
     global_batch_tokens: int = 4096
     """Tokens per optimizer step (global batch); must be a multiple of data.seq_length * micro_batch_size * DP."""
@@ -371,7 +371,8 @@ class RLMethodConfig(MethodConfig):
     rollout_micro_batch_size: int = 8
     """Rollout sequences per micro-batch of the log-prob recompute and the update."""
     generation_batch_rows: int = 64
-    """Most rollout rows generated together (KV-cache batch)."""
+    """Most rollout rows generated together (one KV-cache batch; prompts of different lengths are
+    left-padded and masked)."""
 
     def __post_init__(self):
         from megatron_midtrain.rl.grpo import AGG_MODES, canonical_agg

@@ -9,8 +9,8 @@ Two kinds of documents:
   weather, work, nature...). Gives a tokenizer and a tiny LM something to learn.
 * ``"math"``: step-by-step arithmetic word problems with checkable integer answers::
 
-      Question: Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples does he have left?
-      Answer: Step 1: 3 * 12 = 36. Step 2: 36 - 7 = 29. The answer is 29.
+      Question: Tom has 3 boxes with 8 apples each. He gives away 7 apples. How many apples does he have left?
+      Answer: Step 1: 3 * 8 = 24. Step 2: 24 - 7 = 17. The answer is 17.
 
 Default sizes (``num_prose=3000``, ``num_math=4000``) give about 2.3 MB of text
 (~1.5 MB prose, ~0.7 MB math), small enough that tokenizer training and indexing
@@ -170,60 +170,66 @@ _CONTAINERS = ["boxes", "bags", "baskets", "jars", "crates", "packs", "trays", "
 
 
 def _math_problem(rng: random.Random) -> tuple[str, list[str], int]:
-    """Return (question, steps, answer). Steps are 'a op b = c' strings."""
+    """Return (question, steps, answer). Steps are 'a op b = c' strings.
+
+    Operands are one digit and results stay under 60 (grade-1 arithmetic): a demo model of
+    about a million parameters learns to copy the numbers and most of these facts within a few
+    minutes of CPU training, so the sft model solves some problems and verifiable-task GRPO
+    has correct rollouts to learn from. Larger numbers leave it at ~0% and GRPO with nothing.
+    """
     name = rng.choice(_NAMES)
     he = _PRONOUN[name]
     item = rng.choice(_ITEMS)
     kind = rng.randrange(7)
     r = rng.randint
     if kind == 0:
-        a, b = r(2, 12), r(3, 25)
+        a, b = r(2, 5), r(2, 9)
         total = a * b
-        c = r(1, total - 1)
+        c = r(1, min(9, total - 1))
         cont = rng.choice(_CONTAINERS)
         q = (f"{name} has {a} {cont} with {b} {item} each. {he} gives away {c} {item}. "
              f"How many {item} does {he.lower()} have left?")
         steps = [f"{a} * {b} = {total}", f"{total} - {c} = {total - c}"]
         ans = total - c
     elif kind == 1:
-        a, b, c = r(5, 90), r(2, 60), r(2, 60)
+        a, b, c = r(1, 9), r(1, 9), r(1, 9)
         q = (f"{name} has {a} {item}. {he} buys {b} more and then finds {c} more. "
              f"How many {item} does {he.lower()} have now?")
         steps = [f"{a} + {b} = {a + b}", f"{a + b} + {c} = {a + b + c}"]
         ans = a + b + c
     elif kind == 2:
-        k, friends = r(2, 15), r(2, 9)
-        extra = r(1, 30)
+        k, friends = r(2, 9), r(2, 5)
+        extra = r(1, 9)
         total = k * friends + extra
         q = (f"{name} has {total} {item}. {he} keeps {extra} and shares the rest equally "
              f"among {friends} friends. How many {item} does each friend get?")
         steps = [f"{total} - {extra} = {total - extra}", f"{total - extra} / {friends} = {k}"]
         ans = k
     elif kind == 3:
-        n, price = r(2, 9), r(2, 15)
+        n, price = r(2, 5), r(2, 9)
         cost = n * price
-        bill = rng.choice([b for b in (20, 50, 100, 200) if b >= cost])
+        bill = rng.choice([b for b in (10, 20, 50) if b >= cost])
         q = (f"{name} buys {n} {item} that cost {price} dollars each. {he} pays with "
              f"{bill} dollars. How much change does {he.lower()} get?")
         steps = [f"{n} * {price} = {cost}", f"{bill} - {cost} = {bill - cost}"]
         ans = bill - cost
     elif kind == 4:
-        per_day, days = r(2, 20), r(2, 14)
+        per_day, days = r(2, 9), r(2, 5)
         total = per_day * days
-        spent = r(1, total)
+        spent = r(1, min(9, total))
         q = (f"{name} collects {per_day} {item} every day for {days} days. Then {he.lower()} "
              f"uses {spent} of them. How many {item} are left?")
         steps = [f"{per_day} * {days} = {total}", f"{total} - {spent} = {total - spent}"]
         ans = total - spent
     elif kind == 5:
-        a, b, m = r(2, 30), r(2, 30), r(2, 6)
+        a, b, m = r(1, 9), r(1, 9), r(2, 3)
         other = rng.choice([n for n in _NAMES if n != name])
         q = (f"{name} has {a} red {item} and {b} blue {item}. {other} has {m} "
              f"times as many {item} as {name}. How many {item} does {other} have?")
         steps = [f"{a} + {b} = {a + b}", f"{a + b} * {m} = {(a + b) * m}"]
         ans = (a + b) * m
     else:
-        a, b, c = r(20, 99), r(2, 19), r(2, 19)
+        a, b, c = r(10, 30), r(1, 9), r(1, 9)
         q = (f"A shelf holds {a} {item}. {name} takes {b} {item} and then puts back {c} "
              f"{item}. How many {item} are on the shelf now?")
         steps = [f"{a} - {b} = {a - b}", f"{a - b} + {c} = {a - b + c}"]

@@ -31,7 +31,7 @@ import time
 from megatron_midtrain.data import corpus as corpus_mod
 from megatron_midtrain.errors import UserError
 
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2
 DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_NUM_MATH_EVAL = 500
 
