@@ -118,12 +118,9 @@ def test_rl_plus_ntp_loss_is_parallel_invariant_for_fixed_rollouts(tmp_path, ent
 
 
 def _real_rollouts_then_bad_input(overrides, bad_overrides, bad_dir):
-    import torch.distributed as dist
-
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.errors import UserError
-    from megatron_midtrain.testing.runs import with_test_defaults
-    from megatron_midtrain.training.metrics import read_metrics
+    from megatron_midtrain.testing.runs import train_and_report, with_test_defaults
     from megatron_midtrain.training.trainer import build_trainer
 
     message = None
@@ -132,14 +129,7 @@ def _real_rollouts_then_bad_input(overrides, bad_overrides, bad_dir):
     except UserError as err:
         message = str(err)
     bad_written = os.path.exists(bad_dir)
-    cfg = load_config(with_test_defaults(overrides))
-    trainer = build_trainer(cfg)
-    try:
-        trainer.train()
-        rank0 = dist.get_rank() == 0
-    finally:
-        trainer.close()
-    return {"records": read_metrics(cfg.run.dir) if rank0 else None, "message": message, "bad_written": bad_written}
+    return {"records": train_and_report(overrides).get("records"), "message": message, "bad_written": bad_written}
 
 
 def test_rmt_loop_with_real_rollouts_at_dp2(tmp_path, entropy_dirs):

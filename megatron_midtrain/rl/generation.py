@@ -258,7 +258,8 @@ def _generate_batch(pipe: _Pipeline, prompts: list[list[int]], params: SamplingP
     padded = bool(pad.any())
     # Any id serves as padding: it is masked out of every real row's attention.
     sequence = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    key_pad = torch.arange(length, device=device)[None, :] < pad[:, None]
+    # padding flags of every key position the batch can reach (generated tokens are never padding)
+    key_pad = torch.arange(length + params.max_new_tokens, device=device)[None, :] < pad[:, None]
     context = None
     if use_kv_cache:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -269,10 +270,7 @@ def _generate_batch(pipe: _Pipeline, prompts: list[list[int]], params: SamplingP
             inputs, start = sequence[:, -1:], length + step - 1
         else:
             inputs, start = sequence, 0
-        mask = None
-        if padded:
-            keys = torch.cat([key_pad, key_pad.new_zeros(b, sequence.shape[1] - length)], dim=1)
-            mask = _attention_mask(keys, inputs.shape[1])
+        mask = _attention_mask(key_pad[:, :sequence.shape[1]], inputs.shape[1]) if padded else None
         logits = pipe.forward(inputs, start, context, pad if padded else None, mask)
         if context is not None and step == 0:
             context.enable_decode_mode()

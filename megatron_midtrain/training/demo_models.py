@@ -113,10 +113,10 @@ def ensure_base(cfg: MidtrainConfig) -> str:
 
 
 def _sft_batch_tokens(cfg: MidtrainConfig) -> int:
-    import torch.distributed as dist
+    """Half the run's global batch when that is still whole micro-batches on every DP rank."""
+    from megatron_midtrain.training.distributed import check_layout, world_size_from_env
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    dp = max(1, world // (cfg.parallel.tp * cfg.parallel.pp))
+    dp = check_layout(cfg, world_size_from_env())  # may run before the process group exists
     smaller = cfg.train.global_batch_tokens // SFT_BATCH_FRACTION
     unit = cfg.data.seq_length * cfg.train.micro_batch_size * dp
     return smaller if smaller >= unit and smaller % unit == 0 else cfg.train.global_batch_tokens
