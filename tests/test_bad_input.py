@@ -127,6 +127,14 @@ def test_reset_position_ids_is_refused(tmp_path):
     assert_one_line_error(proc, "reset_position_ids", "reset_attention_mask")
 
 
+def test_nonpositive_demo_sft_steps_is_refused():
+    from megatron_midtrain.config.schema import DataConfig
+
+    with pytest.raises(UserError, match="data.demo_sft_steps=0") as err:
+        DataConfig(demo_sft_steps=0)
+    assert "fix:" in str(err.value)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU-only machines")
 def test_fp8_reference_is_refused_without_a_gpu():
     from megatron_midtrain.config.schema import ReferenceConfig
