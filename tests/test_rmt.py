@@ -69,6 +69,48 @@ def _train_fixed(overrides, keep_distributed=False):
     return read_metrics(cfg.run.dir) if rank0 else None
 
 
+def _train_fixed_then_update_direction(overrides, direction_overrides):
+    """The fixed-rollout run, then one GRPO-only step (λ = 0) whose effect on the log-probs of its
+    own rollouts is measured: the masked labels must be the responses, and the update must raise
+    the advantage-weighted log-probs (the surrogate objective), more so for A > 0 than A < 0."""
+    import torch
+    import torch.distributed as dist
+
+    import megatron_midtrain.rl.trainer as rl_trainer
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.testing.runs import with_test_defaults
+    from megatron_midtrain.training.trainer import build_trainer
+
+    records = _train_fixed(overrides, keep_distributed=True)
+    captured = {}
+    build_batches = rl_trainer.rollout_micro_batches
+
+    def spy(prompts, responses, *args, **kwargs):
+        captured.update(batches=build_batches(prompts, responses, *args, **kwargs), responses=responses)
+        return captured["batches"]
+
+    rl_trainer.rollout_micro_batches = spy
+    trainer = build_trainer(load_config(with_test_defaults(direction_overrides)))
+    trainer.fixed_responses = _fake_rollouts
+    try:
+        trainer.train_step()
+        batches = captured["batches"]
+        with torch.no_grad():
+            new = trainer._logprobs(trainer._schedule, batches)
+        delta, adv = [], []
+        for b, lp in zip(batches, new):
+            delta.append(((lp - b["old_logprobs"]) * b["loss_mask"]).sum(-1))
+            adv.append(b["advantages"])
+        rows = [row for b in batches for row in zip(b["labels"], b["loss_mask"])]
+        masked = [lab[m > 0].tolist() for lab, m in rows]
+        rank0 = dist.get_rank() == 0
+    finally:
+        rl_trainer.rollout_micro_batches = build_batches
+        trainer.close()
+    return {"records": records, "masked_labels": masked, "responses": captured["responses"],
+            "delta": torch.cat(delta).tolist(), "advantages": torch.cat(adv).tolist()} if rank0 else None
+
+
 def _train_fixed_and_kl(overrides, root):
     """The fixed-rollout run, then the same with a k3 KL (beta > 0) to the initial policy."""
     from megatron_midtrain.testing.runs import save_initial_checkpoint
@@ -95,13 +137,25 @@ def test_rl_plus_ntp_loss_is_parallel_invariant_for_fixed_rollouts(tmp_path, ent
     runs = {}
     tp1 = run_distributed(_train_fixed_and_kl, 1, RMT_TEST + [dirs], str(tmp_path / "tp1"))[0]
     runs["tp1"] = tp1["plain"]
-    for name, world, extra in (("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2"])):
-        runs[name] = run_distributed(_train_fixed, world, RMT_TEST + [dirs, f"run.dir={tmp_path / name}"] + extra)[0]
+    # TP2 also takes one GRPO-only step and measures its effect on its own rollouts' log-probs
+    direction = RMT_TEST + [dirs, f"run.dir={tmp_path / 'direction'}", "parallel.tp=2", "method.ntp_weight=0", "optimizer.lr=1e-4"]
+    tp2 = run_distributed(_train_fixed_then_update_direction, 2, RMT_TEST + [dirs, f"run.dir={tmp_path / 'tp2'}", "parallel.tp=2"],
+                          direction)[0]
+    runs["tp2"] = tp2["records"]
+    runs["pp2"] = run_distributed(_train_fixed, 2, RMT_TEST + [dirs, f"run.dir={tmp_path / 'pp2'}", "parallel.pp=2"])[0]
     # k3 KL to the initial policy: exactly 0 before the first update, positive after it, and
     # beta * KL enters the loss (the policy-gradient part is the same at step 1)
     kl = tp1["kl"]
     assert kl[0]["rl/kl"] == 0.0 and kl[1]["rl/kl"] > 0
     assert abs(kl[0]["rl/pg_loss"] - tp1["plain"][0]["rl/pg_loss"]) <= 1e-6 * abs(tp1["plain"][0]["rl/pg_loss"]) + 1e-12
+    # the loss mask covers exactly the response tokens of each prompt+response row
+    assert tp2["masked_labels"] == tp2["responses"]
+    # the update follows the advantages: the token-summed surrogate sum A * dlogp rises (first order
+    # for a small step), and responses with A > 0 gain log-probability relative to those with A < 0
+    delta, adv = np.asarray(tp2["delta"]), np.asarray(tp2["advantages"])
+    assert (adv > 0).any() and (adv < 0).any()
+    assert float((adv * delta).sum()) > 0, (adv, delta)
+    assert delta[adv > 0].mean() > delta[adv < 0].mean(), (adv, delta)
     ref = runs["tp1"]
     assert [r["step"] for r in ref] == [1, 2]
     for r in ref:  # both terms of the dual objective are live
