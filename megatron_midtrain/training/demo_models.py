@@ -77,6 +77,7 @@ def _models_root(cfg: MidtrainConfig) -> str:
 
 def _stage_config(cfg: MidtrainConfig, run_dir: str, steps: int, math_weight: float, init_from: str | None,
                   method=None, lr: float | None = None, batch_tokens: int | None = None) -> MidtrainConfig:
+    batch_tokens = batch_tokens or cfg.train.global_batch_tokens
     return dataclasses.replace(
         cfg,
         method=method or NTPMethodConfig(),
@@ -85,8 +86,8 @@ def _stage_config(cfg: MidtrainConfig, run_dir: str, steps: int, math_weight: fl
         train=dataclasses.replace(
             cfg.train, max_steps=steps, save_interval=0, eval_interval=0, exit_at_step=None,
             init_from=init_from, inject_nonfinite_at=[], log_interval=max(1, steps // 4),
-            global_batch_tokens=batch_tokens or cfg.train.global_batch_tokens,
-            micro_batch_size=_stage_micro_batch(cfg, batch_tokens or cfg.train.global_batch_tokens),
+            global_batch_tokens=batch_tokens,
+            micro_batch_size=_stage_micro_batch(cfg, batch_tokens),
         ),
         # The demo models follow their own recipe, whatever the user's run sets.
         optimizer=dataclasses.replace(OptimizerConfig(), lr=lr) if lr else OptimizerConfig(),
@@ -101,11 +102,17 @@ def _stage_micro_batch(cfg: MidtrainConfig, batch_tokens: int, largest: int = 16
     The losses are the same for any micro-batch size; fewer, larger micro-batches are ~20%
     faster on the CPU (the default demo has a 5-minute budget, first-time builds included).
     """
+    rows = batch_tokens // (cfg.data.seq_length * _data_parallel_size(cfg))
+    if rows < 1:  # a batch too small for the layout: the stage's trainer refuses it with the fix
+        return cfg.train.micro_batch_size
+    return max(m for m in range(1, min(largest, rows) + 1) if rows % m == 0)
+
+
+def _data_parallel_size(cfg: MidtrainConfig) -> int:
+    """DP of the run's layout; works before the process group exists (the stages are built first)."""
     from megatron_midtrain.training.distributed import check_layout, world_size_from_env
 
-    dp = check_layout(cfg, world_size_from_env())  # may run before the process group exists
-    rows = batch_tokens // (cfg.data.seq_length * dp)
-    return max(m for m in range(1, min(largest, rows) + 1) if rows % m == 0) if rows >= 1 else cfg.train.micro_batch_size
+    return check_layout(cfg, world_size_from_env())
 
 
 def _train_stage(stage_cfg: MidtrainConfig, label: str) -> str:
@@ -131,11 +138,8 @@ def ensure_base(cfg: MidtrainConfig) -> str:
 
 def _sft_batch_tokens(cfg: MidtrainConfig) -> int:
     """Half the run's global batch when that is still whole sequences on every DP rank."""
-    from megatron_midtrain.training.distributed import check_layout, world_size_from_env
-
-    dp = check_layout(cfg, world_size_from_env())  # may run before the process group exists
     smaller = cfg.train.global_batch_tokens // SFT_BATCH_FRACTION
-    unit = cfg.data.seq_length * dp
+    unit = cfg.data.seq_length * _data_parallel_size(cfg)
     return smaller if smaller >= unit and smaller % unit == 0 else cfg.train.global_batch_tokens
 
 
