@@ -17,9 +17,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_midtrain.config.schema import ModelConfig, ParallelConfig
+from megatron_midtrain.model.norms import RMSNorm
 from megatron_midtrain.model.olmo2 import FullWidthQKNorm, PostNormMLP, PostNormSelfAttention
 from megatron_midtrain.model.sdpa_attention import SDPAttention
 
@@ -99,7 +101,12 @@ def build_layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        layer, attn = spec.submodules, spec.submodules.self_attention.submodules
+        attn.core_attention = SDPAttention
+        # Our RMSNorm instead of megatron's torch fallback (which refuses sequence parallelism).
+        layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+        if model.qk_norm:
+            attn.q_layernorm = attn.k_layernorm = RMSNorm
     if model.qk_norm and model.qk_norm_scope == "full":
         attn = spec.submodules.self_attention.submodules
         attn.q_layernorm = ModuleSpec(module=FullWidthQKNorm, params={"heads": "q"})
@@ -132,9 +139,15 @@ def build_gpt_stage(
 ) -> GPTModel:
     """The GPTModel piece owned by this pipeline rank (embedding on the first, head on the last)."""
     tp = transformer_config.tensor_model_parallel_size
+    spec = build_layer_spec(model, use_te)
+    if not use_te:
+        # The block's final norm too (megatron would pick its torch fallback for a layer spec).
+        spec = TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(transformer_config, vp_stage=vp_stage), layer_norm=RMSNorm
+        )
     return GPTModel(
         config=transformer_config,
-        transformer_layer_spec=build_layer_spec(model, use_te),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(model, tp),
         max_sequence_length=max(seq_length, model.max_position_embeddings),
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),

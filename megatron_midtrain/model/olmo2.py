@@ -10,7 +10,19 @@ OLMo-2 differs from Llama in two places:
 * **QK-norm over the full projection width** (``num_heads * head_dim``), not per
   head as in Qwen3. Under tensor parallelism each rank holds only some heads,
   so the sum of squares is all-reduced across the TP group (forward and
-  backward) before normalising; the norm weight is sharded like the heads.
+  backward) before normalising.
+
+Gradient reduction over TP follows megatron-core's own conventions, which
+``finalize_model_grads`` applies by parameter *name* and attribute:
+
+* every parameter whose name contains ``q_layernorm``/``k_layernorm`` has its gradient
+  SUM-reduced over TP (right for Qwen3's per-head norm, replicated and fed a different
+  subset of heads on each rank). The full-width norm therefore keeps the *whole* weight on
+  every rank and uses its own heads' slice in the forward: each rank's gradient is zero
+  outside its slice, so megatron's sum assembles the full gradient on every rank. (A weight
+  sharded like the heads would have its two different halves added together.)
+* parameters tagged ``sequence_parallel`` are SUM-reduced over TP when sequence parallelism
+  is on: the post-norms see only this rank's part of the sequence then.
 """
 
 from __future__ import annotations
@@ -22,23 +34,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
-
-class ReplicatedRMSNorm(MegatronModule):
-    """RMSNorm over the full hidden vector, replicated on every TP rank.
-
-    A MegatronModule (not torch.nn.RMSNorm) so that megatron's ``MLP.sharded_state_dict``,
-    which asks every child for its sharded state dict, can checkpoint it.
-    """
-
-    def __init__(self, config, hidden_size: int, eps: float):
-        super().__init__(config=config)
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+from megatron_midtrain.model.norms import RMSNorm
 
 
 def _post_normed(base: type, name: str, doc: str) -> type:
@@ -46,7 +43,7 @@ def _post_normed(base: type, name: str, doc: str) -> type:
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        self.post_norm = ReplicatedRMSNorm(config, config.hidden_size, config.layernorm_epsilon)
+        self.post_norm = RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
 
     def forward(self, *args, **kwargs):
         output, bias = base.forward(self, *args, **kwargs)
@@ -68,7 +65,9 @@ class FullWidthQKNorm(MegatronModule):
 
     megatron builds q/k norms with ``hidden_size=head_dim`` and applies them to
     ``[s, b, heads_local, head_dim]``; ``heads`` tells whether this one normalises the
-    query heads or the key/value groups, so it knows the local and global widths.
+    query heads or the key/value groups, so it knows the local and global widths. The weight
+    is the full width on every rank (replicated, see the module docstring); each rank
+    multiplies by the slice of its own heads.
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, heads: str = "q"):
@@ -77,12 +76,9 @@ class FullWidthQKNorm(MegatronModule):
         total_heads = config.num_attention_heads if heads == "q" else config.num_query_groups
         self.local_width = total_heads // tp * hidden_size
         self.full_width = total_heads * hidden_size
+        self.offset = parallel_state.get_tensor_model_parallel_rank() * self.local_width
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(self.local_width, dtype=config.params_dtype))
-        # Megatron's TP bookkeeping (grad norm, checkpoint resharding): sharded along dim 0.
-        self.weight.tensor_model_parallel = True
-        self.weight.partition_dim = 0
-        self.weight.partition_stride = 1
+        self.weight = torch.nn.Parameter(torch.ones(self.full_width, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -93,11 +89,5 @@ class FullWidthQKNorm(MegatronModule):
             # Autograd-aware: the backward all-reduces the gradient of the shared statistic.
             sq_sum = dist_fn.all_reduce(sq_sum, group=group)
         normed = flat * torch.rsqrt(sq_sum / self.full_width + self.eps)
-        return (normed * self.weight.float()).to(x.dtype).reshape(shape)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        return {
-            f"{prefix}weight": make_tp_sharded_tensor_for_checkpoint(
-                self.weight, f"{prefix}weight", tp_axis=0, prepend_offsets=sharded_offsets
-            )
-        }
+        weight = self.weight[self.offset: self.offset + self.local_width]
+        return (normed * weight.float()).to(x.dtype).reshape(shape)

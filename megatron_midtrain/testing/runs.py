@@ -68,7 +68,54 @@ def save_initial_checkpoint(overrides: list[str], keep_distributed: bool = False
     return os.path.join(cfg.run.dir, "checkpoints", "iter_0000000")
 
 
-JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint}
+def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
+                      keep_distributed: bool = False) -> dict:
+    """Train with ``overrides`` and, right after each step in ``capture_steps``, gather every
+    parameter's gradient to full tensors (:func:`megatron_midtrain.testing.grads.full_gradients`).
+
+    RL methods take :func:`megatron_midtrain.testing.rollouts.fixed_rollouts`. Rank 0 saves
+    ``{step: FullGradients}`` to ``grads_file`` (default ``<run.dir>/grads.pt``) and returns
+    ``{"records": per-step metrics, "grads": that path}``; other ranks return {}.
+    """
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.testing.grads import full_gradients
+    from megatron_midtrain.testing.rollouts import use_fixed_rollouts
+    from megatron_midtrain.training.metrics import read_metrics
+    from megatron_midtrain.training.trainer import build_trainer
+
+    cfg = load_config(with_test_defaults(overrides))
+    trainer = build_trainer(cfg)
+    if getattr(trainer.method, "is_rl", False):
+        use_fixed_rollouts(trainer)
+    captured = {}
+    take_step = trainer.train_step
+
+    def step_and_capture():
+        record = take_step()
+        if record["step"] in capture_steps:
+            # After the step the buffers still hold its (reduced, clipped) gradients.
+            captured[record["step"]] = full_gradients([trainer.model])
+        return record
+
+    trainer.train_step = step_and_capture
+    try:
+        trainer.train()
+        rank0 = dist.get_rank() == 0
+    finally:
+        trainer.close(keep_distributed=keep_distributed)
+    if not rank0:
+        return {}
+    path = grads_file or os.path.join(cfg.run.dir, "grads.pt")
+    torch.save(captured, path)
+    return {"records": read_metrics(cfg.run.dir), "grads": path}
+
+
+JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture}
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]]) -> list:

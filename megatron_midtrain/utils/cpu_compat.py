@@ -47,6 +47,7 @@ PATCHED_MODULES = (
     "megatron.core.distributed.finalize_model_grads",  # token-count all-reduce buffers
     "megatron.core.tensor_parallel.random",  # CUDA RNG tracker -> CPU generator
     "megatron.core.tensor_parallel.mappings",  # TP gather buffers (inference logits) on current_device()
+    "megatron.core.tensor_parallel.layers",  # sequence-parallel all-gather buffers on current_device()
     "megatron.core.transformer.attention",  # inference buffers on current_device()
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq.to(current_device())
     "megatron.core.models.gpt.gpt_model",
