@@ -19,56 +19,105 @@ def demo_cache(tmp_path_factory):
     return cache
 
 
-#: Runs that the invariance tests compare across layouts: name -> (overrides, layouts, needs a reference).
-EXPERIMENTS = {
-    "ntp": (["train.max_steps=6"], ("tp1", "tp2", "pp2", "dp2", "tp2pp2"), False),
-    "olmo2": (["model=olmo2_tiny", "train.max_steps=4"], ("tp1", "tp2", "pp2"), False),
-    "remit": (["method=remit", "train.max_steps=6"], ("tp1", "tp2pp2", "dp2"), True),
-    "rho1": (["method=rho1", "train.max_steps=4"], ("tp1", "tp2pp2", "dp2"), True),
-    "kd": (["method=kd", "method.temperature=2.0", "method.alpha=0.5", "train.max_steps=4"], ("tp1", "tp2pp2", "dp2"), True),
+#: Model families (tiny presets) of the parity matrix: every architecture we convert.
+FAMILIES = {
+    "llama": "demo_llama_tiny",  # GQA, tied embeddings
+    "qwen2": "qwen2_tiny",  # QKV bias, untied
+    "qwen3": "qwen3_tiny",  # per-head QK-norm, head_dim independent of the width
+    "olmo2": "olmo2_tiny",  # post-norm, full-width QK-norm, untied
+    "smollm3": "smollm3_tiny",  # NoPE layers
 }
+#: Layouts: world size and overrides (tp2sp: sequence parallelism, which runs on gloo).
 LAYOUTS = {
     "tp1": (1, []),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "dp2": (2, []),
     "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+}
+#: Layouts with a 30-step loss trajectory (ntp) per family; elsewhere ntp stops after step 3
+#: of the same 30-step schedule (train.exit_at_step), so step 1-3 gradients compare to TP1's.
+TRAJECTORY_LAYOUTS = ("tp1", "tp2", "pp2")
+TRAJECTORY_STEPS = 30
+_RL = ["method.prompts_per_step=4", "method.group_size=4", "method.rollout_micro_batch_size=4", "method.max_new_tokens=8",
+       "optimizer.lr=1e-3", "schedule.warmup_steps=0"]
+#: Methods of the parity matrix: overrides, and whether a frozen reference is needed.
+METHODS = {
+    "ntp": ([f"train.max_steps={TRAJECTORY_STEPS}"], False),
+    "remit": (["method=remit", "train.max_steps=3"], True),
+    "rho1": (["method=rho1", "train.max_steps=3"], True),
+    "kd": (["method=kd", "method.temperature=2.0", "method.alpha=0.5", "train.max_steps=3"], True),
+    # plain answers: the fixed rollouts' empty answers get the penalty, the others 0, so
+    # advantages are not all zero
+    "grpo": (["method=grpo", "method.eval_problems=0", "method.answer_format=plain", "train.max_steps=3"] + _RL, False),
+    "rmt": (["method=rmt", "method.prompt_template='{context}'", "method.answer_format=plain", "method.context_tokens=32",
+             "method.budget_b0=4", "method.budget_gamma=0.5", "train.max_steps=3"] + _RL, False),
+}
+#: The cells CI runs: every family with NTP (the model code) and every method on Llama (the
+#: loss code). The rest of the cross product (other families x other methods) is marked slow.
+CORE_CELLS = [(f, "ntp") for f in FAMILIES] + [("llama", m) for m in METHODS if m != "ntp"]
+EXTENDED_CELLS = [(f, m) for f in FAMILIES for m in METHODS if (f, m) not in CORE_CELLS]
+
+#: Cells that cannot be layout-invariant by design, with the reason (reported, not compared).
+NOT_INVARIANT = {
+    ("rmt", "dp2"): "the entropy curriculum draws Φ_RL per data-parallel rank (seeded by the DP rank)",
 }
 
 
-@pytest.fixture(scope="session")
-def layout_runs(tmp_path_factory):
-    """``layout_runs(layout)`` -> {"reference": dir, experiment name: per-step records}.
+def cell_overrides(family: str, method: str, layout: str, reference: str | None, entropy_dirs: list[str]) -> list[str]:
+    over, needs_ref = METHODS[method]
+    extra = [f"model={FAMILIES[family]}"] + LAYOUTS[layout][1] + over
+    if method == "ntp" and layout not in TRAJECTORY_LAYOUTS:
+        extra.append("train.exit_at_step=3")
+    if needs_ref:
+        extra.append(f"reference.checkpoint={reference}")
+    if method == "rmt":
+        extra.append(f"method.entropy_dirs=[{entropy_dirs[0]},{entropy_dirs[1]}]")
+    return extra
 
-    One spawned world per layout runs every experiment of EXPERIMENTS listed for it, one after
-    the other (spawning ranks and importing megatron is the slow part on a 2-core machine).
-    The reference-based methods share one reference: the demo model after 4 NTP steps,
-    trained at TP1 in the tp1 world. Computed on first use, then shared by the session.
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory, demo_cache):
+    """``layout_runs(layout, extended=False)`` -> {"references": {family: dir},
+    (family, method): {"records", "grads"}} for CORE_CELLS (or, extended, EXTENDED_CELLS).
+
+    One spawned world per layout (and cell set) runs those cells of the parity matrix, one
+    after the other (spawning ranks and importing megatron is the slow part on a
+    2-core machine), capturing every parameter's full gradient after steps 1 and 3
+    (megatron_midtrain.testing.runs.train_and_capture). The reference-based methods of a
+    family share one reference: that family's model after 4 NTP steps at TP1, trained in the
+    tp1 world. Computed on first use, then shared by the session.
     """
     from megatron_midtrain.testing.distributed import run_distributed
+    from megatron_midtrain.testing.rollouts import demo_entropy_dirs
     from megatron_midtrain.testing.runs import run_jobs
 
     done: dict = {}
+    entropy_dirs = demo_entropy_dirs(demo_cache, str(tmp_path_factory.mktemp("entropy")))
 
-    def get(layout: str) -> dict:
-        if layout in done:
-            return done[layout]
+    def get(layout: str, extended: bool = False) -> dict:
+        if (layout, extended) in done:
+            return done[(layout, extended)]
         root = tmp_path_factory.mktemp(f"layout_{layout}")
-        world, parallel = LAYOUTS[layout]
+        world = LAYOUTS[layout][0]
         jobs, names = [], []
-        if layout == "tp1":
-            reference = str(root / "reference")
-            jobs.append(("train", [f"run.dir={reference}", "train.max_steps=4", "optimizer.lr=1e-2", "run.seed=7"]))
-            names.append("_reference")
+        if layout == "tp1" and not extended:
+            references = {f: str(root / f"reference_{f}") for f in FAMILIES}
+            for family, ref in references.items():
+                jobs.append(("train", [f"model={FAMILIES[family]}", f"run.dir={ref}", "train.max_steps=4",
+                                       "optimizer.lr=1e-2", "run.seed=7"]))
+                names.append(None)
         else:
-            reference = get("tp1")["reference"]
-        for name, (over, layouts, needs_ref) in EXPERIMENTS.items():
-            if layout in layouts:
-                ref = [f"reference.checkpoint={reference}"] if needs_ref else []
-                jobs.append(("train", parallel + over + ref + [f"run.dir={root / name}"]))
-                names.append(name)
-        results = run_distributed(run_jobs, world, jobs)[0]
-        done[layout] = {"reference": reference, **{n: r["records"] for n, r in zip(names, results) if n != "_reference"}}
-        return done[layout]
+            references = get("tp1")["references"]  # the references are built in the core tp1 world
+        for family, method in EXTENDED_CELLS if extended else CORE_CELLS:
+            if (method, layout) in NOT_INVARIANT:
+                continue
+            over = cell_overrides(family, method, layout, references[family], entropy_dirs)
+            jobs.append(("capture", over + [f"run.dir={root / family / method}"]))
+            names.append((family, method))
+        results = run_distributed(run_jobs, world, jobs, timeout_s=3600)[0]
+        done[(layout, extended)] = {"references": references, **{n: r for n, r in zip(names, results) if n is not None}}
+        return done[(layout, extended)]
 
     return get

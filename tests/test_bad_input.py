@@ -52,6 +52,13 @@ def test_wrong_type(tmp_path):
     assert_one_line_error(proc, "train.max_steps", "'many'")
 
 
+def test_context_parallel_is_refused_until_implemented(tmp_path):
+    """parallel.cp > 1 used to be accepted on GPUs while nothing split the sequence per CP rank."""
+    proc = midtrain("parallel.cp=2", f"run.dir={tmp_path}/run")
+    assert_one_line_error(proc, "parallel.cp=2", "not implemented", "parallel.cp=1")
+    assert not (tmp_path / "run").exists()
+
+
 def test_tp_larger_than_world(tmp_path):
     proc = midtrain("parallel.tp=2", f"run.dir={tmp_path}/run")
     assert_one_line_error(proc, "parallel.tp", "world size 1")

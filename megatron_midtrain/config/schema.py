@@ -153,7 +153,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size."""
     cp: int = 1
-    """Context-parallel size (GPU / Transformer Engine only)."""
+    """Context-parallel size. Only 1 for now: splitting each sequence across CP ranks (and the
+    per-row ReMiT centring, RHO-1 selection and RL rollouts over it) is not implemented, so
+    values > 1 are refused rather than silently training on unsplit sequences."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
     distributed_optimizer: bool = False
@@ -165,6 +167,11 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel.{name}={getattr(self, name)} must be >= 1", f"set parallel.{name}=1 or more")
+        if self.cp > 1:
+            raise UserError(
+                f"parallel.cp={self.cp}: context parallelism is not implemented yet (nothing splits a sequence across CP ranks)",
+                "use parallel.cp=1; for long sequences use parallel.sequence_parallel=true with parallel.tp > 1",
+            )
         if self.sequence_parallel and self.tp == 1:
             raise UserError("parallel.sequence_parallel=true needs parallel.tp > 1", "set parallel.tp>=2 or disable it")
 

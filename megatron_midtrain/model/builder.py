@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_midtrain.config.schema import ModelConfig, ParallelConfig
 from megatron_midtrain.model.norms import RMSNorm
 from megatron_midtrain.model.olmo2 import FullWidthQKNorm, PostNormMLP, PostNormSelfAttention
-from megatron_midtrain.model.sdpa_attention import SDPAttention
+from megatron_midtrain.model.sdpa_attention import SDPAttention, mask_aware_attention
 
 
 def have_transformer_engine() -> bool:
@@ -99,6 +99,10 @@ def build_layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+        attn = spec.submodules.self_attention.submodules
+        # TE ignores explicit attention masks (megatron passes it only a mask type): calls
+        # with one (padded rollouts, document masking) take the SDPA path instead.
+        attn.core_attention = mask_aware_attention(attn.core_attention)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
         layer, attn = spec.submodules, spec.submodules.self_attention.submodules

@@ -19,7 +19,7 @@ DEMO_EOD = 2
 
 
 def fixed_rollouts(step: int, prompt_rows: list[list[int]], group_size: int):
-    """Deterministic responses of 1-8 tokens for ``prompt_rows`` (G consecutive rows per prompt)."""
+    """Deterministic responses of 1-8 tokens (a third of them EOD only, i.e. empty) for ``prompt_rows`` (G consecutive rows per prompt)."""
     from megatron_midtrain.rl.generation import GenerationResult
 
     responses, reasons = [], []
@@ -27,7 +27,10 @@ def fixed_rollouts(step: int, prompt_rows: list[list[int]], group_size: int):
         key = zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes())
         rng = np.random.default_rng([step, key, i % group_size])
         resp = rng.integers(4, 600, size=int(rng.integers(1, 9))).tolist()
-        if (key + i % group_size) % 3 == 0:
+        kind = (key + i % group_size) % 3
+        if kind == 0:  # an empty answer: its reward differs from the others' inside the group
+            resp = [DEMO_EOD]
+        elif kind == 1:
             resp[-1] = DEMO_EOD
         responses.append(resp)
         reasons.append("eos" if resp[-1] == DEMO_EOD else "length")

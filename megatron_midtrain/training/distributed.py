@@ -68,8 +68,6 @@ def check_layout(cfg, world: int) -> int:
         )
     if cfg.reference.fp8 and not torch.cuda.is_available():
         raise UserError("reference.fp8=true needs a GPU with Transformer Engine", "set reference.fp8=false on the CPU")
-    if p.cp > 1 and not torch.cuda.is_available():
-        raise UserError("parallel.cp > 1 needs GPUs with Transformer Engine", "use parallel.cp=1 on the CPU")
     return world // model_parallel
 
 
