@@ -44,7 +44,11 @@ _RL = ["method.prompts_per_step=4", "method.group_size=4", "method.rollout_micro
        "optimizer.lr=1e-3", "schedule.warmup_steps=0"]
 #: Methods of the parity matrix: overrides, and whether a frozen reference is needed.
 METHODS = {
-    "ntp": ([f"train.max_steps={TRAJECTORY_STEPS}"], False),
+    # lr 1e-3: at the default 3e-3 these tiny models enter an unstable phase after ~step 20
+    # where TP1 itself diverges from TP1 by 1.3e-4 when only the micro-batch size changes
+    # (fp32 re-association; qwen3_tiny, grad norm 1.02 vs 1.05 at step 21), so no layout could
+    # meet 1e-4 there. At 1e-3 that control stays within 1.2e-7 over the 30 steps.
+    "ntp": ([f"train.max_steps={TRAJECTORY_STEPS}", "optimizer.lr=1e-3"], False),
     "remit": (["method=remit", "train.max_steps=3"], True),
     "rho1": (["method=rho1", "train.max_steps=3"], True),
     "kd": (["method=kd", "method.temperature=2.0", "method.alpha=0.5", "train.max_steps=3"], True),

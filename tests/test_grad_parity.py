@@ -4,7 +4,8 @@ For every model family x method x layout of conftest's parity matrix, every para
 gradient after step 1 and after step 3 (when the optimizer state has acted twice) must match
 the TP1/PP1/DP1 run: ``||g - g_ref|| / ||g_ref|| <= 1e-5`` per parameter and layer. Replicas of
 one tensor (DP copies, TP-replicated norms, the tied head) must agree with each other. For each
-family, the 30-step NTP loss trajectory at TP2 and at PP2 must stay within 1e-4 of TP1's.
+family, the 30-step NTP loss trajectory at TP2 and at PP2 must stay within 1e-6 of TP1's
+(the issue asks for 1e-4).
 
 Regressions these caught (each failed before its fix):
 * OLMo-2's full-width QK-norm weight, sharded over TP, had its gradient SUM-reduced over TP by
@@ -25,7 +26,11 @@ from conftest import CORE_CELLS, EXTENDED_CELLS, FAMILIES, NOT_INVARIANT, TRAJEC
 from megatron_midtrain.testing.grads import compare
 
 GRAD_RTOL = 1e-5
-TRAJECTORY_RTOL = 1e-4
+#: The issue asks for 1e-4; measured after the fixes: <= 6.9e-8 for every family at TP2 and PP2.
+#: 1e-6 also catches the OLMo-2 QK-norm bug on its own (before the fix: 5.7e-6 at TP2 over these
+#: 30 steps at lr 1e-3; 2.4e-3 at the default lr).
+TRAJECTORY_RTOL = 1e-6
+GRAD_NORM_RTOL = 1e-3
 LAYOUTS = ("tp2", "pp2", "dp2", "tp2pp2", "tp2sp")
 CAPTURED = (1, 3)
 
@@ -51,16 +56,17 @@ def worst_difference(layout_runs, family: str, method: str, layout: str) -> tupl
     return worst, where, spread
 
 
-#: Measured over the bound, not yet explained (open in issue 12's closing note): fixed-rollout
-#: GRPO/RMT cells reach 1.2-1.5e-5 on norm weights (just above 1e-5; the step-1 loss terms are
-#: small advantage-weighted sums). Reported as xfail so the numbers stay visible, not hidden.
-KNOWN_OVER = {"grpo": "GRPO fixed-rollout gradients differ by 1.2-1.5e-5 (bound 1e-5), unexplained",
-              "rmt": "RMT fixed-rollout gradients differ by ~1.4e-5 at TP2 (bound 1e-5), unexplained"}
-#: 30-step trajectories measured over 1e-4 (loss) or the 1e-3 grad-norm check: step-1/3
-#: gradients of these families agree to ~1e-6, so this looks like fp32 round-off amplified over
-#: 30 steps, but it is not proven.
-TRAJECTORY_OVER = {("llama", "tp2"), ("llama", "pp2"), ("qwen3", "tp2"), ("qwen3", "pp2"), ("olmo2", "tp2"),
-                   ("olmo2", "pp2"), ("smollm3", "tp2")}
+#: Measured over the bound and not explained (open in issue 12's closing note): at TP2 the
+#: fixed-rollout GRPO/RMT cells reach 1.1-1.7e-5, always on the input-norm weights, already at
+#: step 1. Measured (llama, TP2 vs TP1, step 1): GRPO linear_qkv.layer_norm_weight differs by
+#: 3.8e-8 absolute on a gradient of norm 2.4e-3, while NTP's gradient of the same weight (norm
+#: 2.6e-3) differs by 3.7e-9, so it is not only a small gradient; every other parameter is
+#: within the bound. Reported as non-strict xfail so the figures stay visible, not hidden.
+KNOWN_OVER = {"grpo": "GRPO fixed-rollout input-norm gradients differ by 1.1-1.7e-5 at TP2 (bound 1e-5), unexplained",
+              "rmt": "RMT fixed-rollout input-norm gradients differ by 1.0-1.4e-5 at TP2 (bound 1e-5), unexplained"}
+#: 30-step trajectories over the bound: none since the trajectory runs use lr 1e-3 (see METHODS
+#: in conftest.py: at 3e-3 TP1 against TP1 with another micro-batch split already drifts 1.3e-4).
+TRAJECTORY_OVER: set = set()
 
 
 def _marks(family, method):
@@ -81,6 +87,8 @@ def test_every_parameter_gradient_matches_tp1(family, method, layout, layout_run
     base_grads = _grads(_cell(layout_runs, family, method, "tp1"))
     got_grads = _grads(_cell(layout_runs, family, method, layout))
     assert sorted(got_grads) == sorted(base_grads) == list(CAPTURED)
+    worst, where, _ = worst_difference(layout_runs, family, method, layout)
+    print(f"{family}/{method}/{layout}: worst per-parameter relative difference {worst:.2e} ({where})")
     for step in CAPTURED:
         ref = base_grads[step]
         # Every parameter of every layer is there and really has a gradient to compare.
@@ -90,8 +98,6 @@ def test_every_parameter_gradient_matches_tp1(family, method, layout, layout_run
         assert not bad, f"{family}/{method}/{layout} step {step}: {sorted(bad.items(), key=lambda kv: -kv[1])[:5]}"
         spread = got_grads[step].replica_spread
         assert all(v <= 1e-6 * max(1.0, ref.tensors[k].abs().max().item()) for k, v in spread.items()), spread
-    worst, where, _ = worst_difference(layout_runs, family, method, layout)
-    print(f"{family}/{method}/{layout}: worst per-parameter relative difference {worst:.2e} ({where})")
     # The runs took steps (an optimizer that never moved would make step 3 equal step 1).
     assert max(compare(base_grads[3], base_grads[1]).values()) > 1e-3
 
@@ -113,6 +119,6 @@ def test_30_step_loss_trajectory_matches_tp1(family, layout, layout_runs):
     print(f"{family} {layout}: max relative loss difference over {TRAJECTORY_STEPS} steps = {worst:.2e}")
     assert worst <= TRAJECTORY_RTOL
     for ref, got in zip(baseline, records):
-        assert math.isclose(got["grad_norm"], ref["grad_norm"], rel_tol=10 * TRAJECTORY_RTOL), ref["step"]
+        assert math.isclose(got["grad_norm"], ref["grad_norm"], rel_tol=GRAD_NORM_RTOL), ref["step"]
     # The model must actually be learning, or equal losses would prove little.
     assert records[-1]["loss"] < records[0]["loss"] - 0.5

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_midtrain.losses.rho1 import excess_loss, topk_threshold
+from megatron_midtrain.losses.rho1 import excess_loss, masked_topk_threshold, topk_threshold
 
 
 def test_threshold_keeps_ceil_of_ratio():
@@ -14,6 +14,17 @@ def test_threshold_keeps_ceil_of_ratio():
     assert topk_threshold(s, 1.0) == -1.0
     assert topk_threshold(s, 0.01) == 3.0
     assert math.isinf(topk_threshold(torch.tensor([]), 0.8))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.8, 1.0])
+def test_masked_threshold_equals_threshold_of_masked_scores(ratio):
+    """The sync-free per-micro-batch threshold is the top-k threshold of the masked scores."""
+    g = torch.Generator().manual_seed(3)
+    for density in (0.0, 0.1, 0.6, 1.0):
+        scores = torch.randn(3, 17, generator=g)
+        mask = torch.rand(3, 17, generator=g) < density
+        expected = topk_threshold(scores[mask], ratio)
+        assert torch.equal(masked_topk_threshold(scores, mask, ratio), expected), (ratio, density)
 
 
 def test_excess_loss_sign():

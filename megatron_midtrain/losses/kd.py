@@ -91,8 +91,8 @@ class KDMethod:
             per_token = per_token - (1.0 - self.alpha) * logp
         count = mask.sum().to(torch.int)
         report = {
-            "kd/ce": report_entry(ce.detach()[mask].sum(), count),
-            "kd/kl": report_entry((ce.detach() - ent)[mask].sum(), count),
+            "kd/ce": report_entry((ce.detach() * mask).sum(), count),
+            "kd/kl": report_entry(((ce.detach() - ent) * mask).sum(), count),
         }
         if logp is not None:
             report["ntp_loss"] = report_entry(-(logp.detach() * mask).sum(), count)

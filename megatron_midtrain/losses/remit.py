@@ -19,11 +19,12 @@ CENTER_MODES = ("sequence", "document", "none")
 def _group_mean(values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over the masked positions of each group id, broadcast back per position.
 
-    ``groups`` holds non-negative ids, unique across the whole batch. A group without any
-    masked position gets mean 0 (its positions carry no loss anyway).
+    ``groups`` holds non-negative ids below ``values.numel()``, unique across the whole batch.
+    A group without any masked position gets mean 0 (its positions carry no loss anyway).
     """
     flat_groups = groups.reshape(-1)
-    num = int(flat_groups.max().item()) + 1 if flat_groups.numel() else 0
+    # numel() bounds the ids, so no ``max().item()`` host sync is needed on the GPU.
+    num = flat_groups.numel()
     m = mask.reshape(-1).to(values.dtype)
     sums = torch.zeros(num, dtype=values.dtype, device=values.device).index_add_(0, flat_groups, values.reshape(-1) * m)
     counts = torch.zeros(num, dtype=values.dtype, device=values.device).index_add_(0, flat_groups, m)
@@ -86,7 +87,7 @@ def remit_token_weights(
         # Make ids unique across rows: row r's documents live in [r * span, (r + 1) * span).
         doc = document_ids.long()
         doc = doc - doc.min(dim=1, keepdim=True).values
-        span = int(doc.max().item()) + 1 if doc.numel() else 1
+        span = delta.shape[1]  # a row holds at most seq documents: ids stay below numel()
         rows = torch.arange(delta.shape[0], device=delta.device)[:, None]
         delta = delta - _group_mean(delta, mask, rows * span + doc)
     weights = (2.0 * torch.sigmoid(delta)).clamp(1.0 - clip_eps, 1.0 + clip_eps)
@@ -112,20 +113,22 @@ class ReMiTMethod:
 
     def loss(self, logits, labels, loss_mask, extras, tp_group):
         logp = vocab_parallel_logprobs(logits, labels, tp_group)
-        ref = extras["ref_logprobs"].to(logp.device)
-        docs = document_ids_from_tokens(extras["tokens"].to(logp.device), self.eod_id) if self.center == "document" else None
+        ref = extras["ref_logprobs"]
+        docs = document_ids_from_tokens(extras["tokens"], self.eod_id) if self.center == "document" else None
         weights = remit_token_weights(logp.detach(), ref, loss_mask, self.clip_eps, self.center, docs)
         mask = loss_mask.bool()
         loss_sum = -(logp * weights * mask).sum()
         count = mask.sum().to(torch.int)
-        w = weights[mask].double()
+        # Masked sums rather than boolean indexing: no host sync on the GPU.
+        m = mask.double()
+        w = weights.double()
         tol = 1e-6
         report = {
-            "remit/w_mean": report_entry(w.sum(), count),
-            "remit/w_sq_mean": report_entry((w * w).sum(), count),
-            "remit/frac_low": report_entry((w <= 1.0 - self.clip_eps + tol).sum(), count),
-            "remit/frac_high": report_entry((w >= 1.0 + self.clip_eps - tol).sum(), count),
-            "remit/delta_mean": report_entry((ref - logp.detach())[mask].sum(), count),
+            "remit/w_mean": report_entry((w * m).sum(), count),
+            "remit/w_sq_mean": report_entry((w * w * m).sum(), count),
+            "remit/frac_low": report_entry(((w <= 1.0 - self.clip_eps + tol) & mask).sum(), count),
+            "remit/frac_high": report_entry(((w >= 1.0 + self.clip_eps - tol) & mask).sum(), count),
+            "remit/delta_mean": report_entry(((ref - logp.detach()) * mask).sum(), count),
             "ntp_loss": report_entry(-(logp.detach() * mask).sum(), count),
         }
         return loss_sum, count, report

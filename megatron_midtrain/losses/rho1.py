@@ -36,6 +36,17 @@ def topk_threshold(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return torch.topk(scores, k).values[-1]
 
 
+def masked_topk_threshold(scores: torch.Tensor, mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """:func:`topk_threshold` of ``scores[mask]`` without boolean indexing or ``.item()``
+    (no host sync on the GPU): the ``ceil(keep_ratio * n)``-th largest masked score."""
+    filled = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).reshape(-1)
+    n = mask.sum()
+    k = torch.ceil(n.to(torch.float64) * keep_ratio).to(torch.long).clamp(max=n)
+    ordered = torch.sort(filled, descending=True).values
+    kth = ordered.gather(0, (k - 1).clamp(min=0).reshape(1)).reshape(())
+    return torch.where(k > 0, kth, torch.full_like(kth, float("inf")))
+
+
 def _gather_masked(values: torch.Tensor, group) -> torch.Tensor:
     """All masked-token scores of the data-parallel group (variable length per rank)."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
@@ -64,7 +75,7 @@ class Rho1Method:
     @torch.no_grad()
     def score(self, logits, labels, loss_mask, extras, tp_group) -> torch.Tensor:
         logp = vocab_parallel_logprobs(logits, labels, tp_group)
-        return excess_loss(logp, extras["ref_logprobs"].to(logp.device))
+        return excess_loss(logp, extras["ref_logprobs"])
 
     @torch.no_grad()
     def select(self, scores: list, loss_masks: list, dp_group) -> list[dict]:
@@ -76,10 +87,10 @@ class Rho1Method:
         logp = vocab_parallel_logprobs(logits, labels, tp_group)
         mask = loss_mask.bool()
         if self.scope == "global":
-            keep = extras["rho1_keep"].to(logp.device)
+            keep = extras["rho1_keep"]
         else:
-            s = excess_loss(logp.detach(), extras["ref_logprobs"].to(logp.device))
-            keep = (s >= topk_threshold(s[mask], self.keep_ratio)) & mask
+            s = excess_loss(logp.detach(), extras["ref_logprobs"])
+            keep = (s >= masked_topk_threshold(s, mask, self.keep_ratio)) & mask
         kept = keep.sum().to(torch.int)
         loss_sum = -(logp * keep).sum()
         total = mask.sum().to(torch.int)

@@ -73,8 +73,10 @@ class _VocabParallelLogProb(torch.autograd.Function):
             e = s + ctx.chunk
             probs = (flat[s:e].float() - lse[s:e, None]).exp()
             block = -probs * g[s:e, None]
-            own = owned[s:e]
-            block[own, local_idx[s:e][own]] += g[s:e][own]
+            # + g at the target column on the rank that owns it; a scatter (not boolean
+            # indexing) keeps the backward free of host syncs (and runnable on ``meta``).
+            gain = torch.where(owned[s:e], g[s:e], torch.zeros_like(g[s:e]))
+            block.scatter_add_(1, local_idx[s:e, None], gain[:, None])
             grad[s:e] = block.to(grad.dtype)
         return grad.view_as(logits), None, None, None
 

@@ -26,6 +26,7 @@ from megatron_midtrain.errors import UserError
 from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config
 from megatron_midtrain.training import checkpoint as ckpt
+from megatron_midtrain.training.data import to_device
 from megatron_midtrain.training.checkpoint import resolve_checkpoint_dir  # noqa: F401  (re-export for tools)
 
 
@@ -59,19 +60,16 @@ class ColocatedReference:
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def _forward_step(self, device, data_iterator, model):
-        batch = next(data_iterator)
-        tokens = batch["tokens"].to(device)
-        position_ids = batch["position_ids"].to(device)
-        mask = batch.get("attention_mask")
-        output = model(tokens, position_ids, None if mask is None else mask.to(device))
-        return output, partial(self._collect, batch["labels"].to(device))
+        batch = to_device(next(data_iterator), device)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return output, partial(self._collect, batch["labels"])
 
     @staticmethod
     def _collect(labels, logits, non_loss_data=False):
         if non_loss_data:  # final_hidden(): the "logits" are the pre-output-layer hidden states
             return logits
         logp = vocab_parallel_logprobs(logits, labels, parallel_state.get_tensor_model_parallel_group())
-        return logp.sum() * 0.0, torch.zeros((), dtype=torch.int), {"ref_logprobs": logp}
+        return logp.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logp.device), {"ref_logprobs": logp}
 
     def _forward_only(self, micro_batches, num_microbatches: int, device, collect_non_loss_data: bool = False):
         """One forward-only pass of megatron's pipeline schedule over the step's micro-batches."""

@@ -186,7 +186,9 @@ def grpo_policy_loss(
             "clip_frac_low": mmean((ratio < 1.0 - eps_low) & (adv < 0)),
             "clip_frac_high": mmean((ratio > 1.0 + eps_high) & (adv > 0)),
             "ratio_mean": mmean(ratio),
-            "ratio_max": ratio[mask].max() if bool(mask.any()) else torch.ones((), device=lp.device),
+            # 1 with no token; a masked max keeps this free of host syncs
+            "ratio_max": torch.where(mask.any(), torch.where(mask, ratio, torch.zeros_like(ratio)).max(),
+                                     torch.ones((), dtype=ratio.dtype, device=ratio.device)),
             "approx_kl_old": mmean(-log_ratio),
             "num_tokens": mf.sum(),
         }

@@ -74,6 +74,13 @@ def score_verifiable(text: str, prompt: Prompt, cfg) -> rw.RewardResult:
     return rw.score_exact_match(text, prompt.answer, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty)
 
 
+def rl_masks_from_positions(shape: tuple[int, int], rows, cols, micro_batch_size: int) -> list[torch.Tensor]:
+    """Φ_RL as one boolean ``[mbs, seq]`` mask per micro-batch (CPU) from the chosen (row, position) pairs."""
+    rl_mask = np.zeros(shape, dtype=bool)
+    rl_mask[rows, cols] = True
+    return [torch.from_numpy(rl_mask[i: i + micro_batch_size]) for i in range(0, shape[0], micro_batch_size)]
+
+
 class NextTokenTask:
     """RMT: curriculum-sampled high-entropy positions of the step's corpus samples."""
 
@@ -125,10 +132,7 @@ class NextTokenTask:
                 ids = self.tokenizer.tokenize(text)
             prompts.append(Prompt(ids=ids, budget=budget, target_bytes=continuation_bytes(self.tokenizer, context, target),
                                   bucket=bucket, meta={"row": r, "pos": t}))
-        rl_mask = np.zeros(tokens.shape, dtype=bool)
-        rl_mask[rows, cols] = True
-        mbs = batches[0]["tokens"].shape[0]
-        masks = [torch.from_numpy(rl_mask[i * mbs:(i + 1) * mbs]) for i in range(len(batches))]
+        masks = rl_masks_from_positions(tokens.shape, rows, cols, batches[0]["tokens"].shape[0])
         return prompts, masks, chosen.counts
 
     def score(self, text: str, length: int, prompt: Prompt) -> tuple[float, rw.RewardResult, float]:

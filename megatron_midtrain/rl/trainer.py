@@ -104,6 +104,24 @@ def rollout_micro_batches(prompts, responses, advantages, group_size: int, micro
     return _MicroBatches(batches, micro_batch_size)
 
 
+def attach_rollout_inputs(batches: list[dict], old: list, ref: list, agg_normalizer: float, drgrpo_constant: float) -> None:
+    """Add what :class:`GRPOLoss` reads to each rollout micro-batch: the old (and reference)
+    log-probs of the last stage, the global aggregation normaliser and Dr.GRPO's constant."""
+    for b, o, r in zip(batches, old, ref):
+        b["old_logprobs"] = o if o is not None else torch.zeros_like(b["loss_mask"])
+        if r is not None:
+            b["ref_logprobs"] = r
+        b["agg_normalizer"] = torch.tensor(agg_normalizer, dtype=torch.float64)
+        b["drgrpo_constant"] = drgrpo_constant
+
+
+def attach_ntp_inputs(corpus: list[dict], rl_masks: list, ntp_normalizer: float) -> None:
+    """Add Φ_RL and the global NTP token count to each corpus micro-batch (RMT's NTP term)."""
+    for b, m in zip(corpus, rl_masks):
+        b["rl_mask"] = m
+        b["ntp_normalizer"] = torch.tensor(ntp_normalizer, dtype=torch.float64)
+
+
 class RLTrainer(Trainer):
     """:class:`Trainer` whose step is a GRPO rollout step (see the module docstring)."""
 
@@ -244,12 +262,7 @@ class RLTrainer(Trainer):
             dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
             local = local.cpu()
         agg_norm, ntp_norm = max(local[0].item(), 1.0), max(local[1].item(), 1.0)
-        for b, o, r in zip(batches, old, ref):
-            b["old_logprobs"] = o if o is not None else torch.zeros_like(b["loss_mask"])
-            if r is not None:
-                b["ref_logprobs"] = r
-            b["agg_normalizer"] = torch.tensor(agg_norm, dtype=torch.float64)
-            b["drgrpo_constant"] = float(rl.max_new_tokens_at(step))
+        attach_rollout_inputs(batches, old, ref, agg_norm, float(rl.max_new_tokens_at(step)))
 
         # 5. update: corpus NTP term + GRPO term into the same gradient buffers
         self.model.zero_grad_buffer()
@@ -259,9 +272,7 @@ class RLTrainer(Trainer):
         try:
             report = {}
             if corpus is not None and self.method.ntp_weight > 0:
-                for b, m in zip(corpus, rl_masks):
-                    b["rl_mask"] = m
-                    b["ntp_normalizer"] = torch.tensor(ntp_norm, dtype=torch.float64)
+                attach_ntp_inputs(corpus, rl_masks, ntp_norm)
                 reports = self._schedule(iter(corpus), len(corpus), False, self.method)
                 report.update({k: v for k, v in self._reduce_reports(reports, self.method).items() if k != "loss"})
             reports = self._schedule(batches.iterator(), len(batches), False, self.grpo_loss, seq_length=rollout_len)

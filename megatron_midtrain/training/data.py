@@ -132,3 +132,14 @@ def collate(samples: list[dict]) -> dict:
         else:
             batch[key] = torch.as_tensor(values)
     return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a micro-batch (data and method extras: reference scores, GRPO advantages,
+    Φ_RL masks, normalisers) on ``device``; other values (callables, floats) as they are.
+
+    The one place where a micro-batch meets the model's device: the losses are pure functions
+    that assume all their inputs share the logits' device (tests/test_device_placement.py
+    proves it on the CPU with ``meta`` logits).
+    """
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
