@@ -3,9 +3,13 @@
 
     python benchmarks/throughput.py [--model demo|llama1b] [--steps 10] [--warmup 3] [overrides ...]
     torchrun --nproc-per-node 8 benchmarks/throughput.py --model llama1b parallel.tp=2
+    python benchmarks/throughput.py --steps 1 --warmup 0        # smallest setting (CI smoke test)
 
-Builds ``Trainer(cfg)`` from the Hydra config plus the preset's and the command
-line's overrides, runs ``--warmup`` optimizer steps untimed, then times
+The method is NTP unless the overrides choose one (``method=remit`` etc.). The trainer is
+built as ``midtrain`` builds it: :func:`build_trainer` (the RL methods get their rollout
+loop) after :func:`with_demo_models` (on the demo data a reference-based method gets the
+cached demo reference, built on first use, and RMT its entropy index). Then it runs
+``--warmup`` optimizer steps untimed, then times
 ``--steps`` steps of ``Trainer.train_step()`` (forward, backward, grad
 all-reduce, clipping, optimizer) and prints a summary followed by one JSON line.
 Checkpoints, evaluation and metric files are not part of the measurement (the
@@ -32,7 +36,7 @@ in full, so reported MFU is comparable with Megatron-LM's figures.
 
 TFLOP/s per GPU = FLOPs/token * tokens/s / world size; MFU = that / peak dense
 bf16 FLOP/s of the GPU: H100 SXM 989e12, H200 989e12 (same compute as H100 SXM),
-H100 PCIe 756e12, A100 312e12; anything else needs ``--peak-tflops``.
+H100 PCIe 756e12, H100 NVL 835e12, A100 312e12; anything else needs ``--peak-tflops``.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ PRESETS = {
 PEAK_BF16 = (
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("A100", 312e12),
 )
@@ -130,10 +135,14 @@ def main() -> None:
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.errors import UserError
     from megatron_midtrain.model.builder import padded_vocab_size
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.training.demo_models import with_demo_models
+    from megatron_midtrain.training.trainer import build_trainer
 
     total_steps = args.warmup + args.steps
-    overrides = COMMON + PRESETS[args.model] + list(args.overrides) + [f"train.max_steps={total_steps}"]
+    # The config's default method is ReMiT, which needs a reference: plain training throughput
+    # is NTP's unless the command line picks a method.
+    method = [] if any(o.startswith("method=") for o in args.overrides) else ["method=ntp"]
+    overrides = COMMON + PRESETS[args.model] + method + list(args.overrides) + [f"train.max_steps={total_steps}"]
     user_dir = any(o.startswith("run.dir=") for o in args.overrides)
     tmp = None
     if not user_dir:
@@ -141,10 +150,9 @@ def main() -> None:
         overrides.append(f"run.dir={tmp}")
     try:
         cfg = load_config(overrides)
+        trainer = build_trainer(with_demo_models(cfg))
     except UserError as err:
         sys.exit(f"error: {err}")
-
-    trainer = Trainer(cfg)
     try:
         cuda = torch.cuda.is_available()
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -175,6 +183,7 @@ def main() -> None:
         result = {
             "model": cfg.model.name,
             "preset": args.model,
+            "method": cfg.method.name,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "world_size": world,
             "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": trainer.layout.dp},
@@ -204,7 +213,7 @@ def main() -> None:
             if result["dtype"] != "bfloat16":
                 result["note"] = "MFU is relative to the bf16 peak but the run is not bf16"
         if rank0:
-            print(f"{result['model']} on {result['device']} x{world} ({result['dtype']}): "
+            print(f"{result['model']} ({result['method']}) on {result['device']} x{world} ({result['dtype']}): "
                   f"{args.steps} steps of {cfg.train.global_batch_tokens} tokens in {elapsed:.2f}s "
                   f"-> {tokens_per_s:,.0f} tokens/s ({tokens_per_s / world:,.0f} per device)", flush=True)
             if cuda:

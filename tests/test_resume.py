@@ -1,4 +1,5 @@
-"""Exact resume, crash (SIGKILL) resume, and TP resharding of checkpoints (CPU, fp32)."""
+"""Exact resume, crash (SIGKILL) resume, TP resharding of checkpoints, resharded resumes that keep
+training (TP2 -> TP1, PP2 -> PP1: the optimizer state reshards) and async saves (CPU, fp32)."""
 
 import os
 import signal
@@ -77,3 +78,125 @@ def test_checkpoint_reshards_between_tp_sizes(save_tp, load_tp, tmp_path):
     loaded_val = run_distributed(validation_loss, load_tp, common + [f"parallel.tp={load_tp}"])[0]
     print(f"TP{save_tp} checkpoint: val loss {saved_val!r} at TP{save_tp}, {loaded_val!r} at TP{load_tp}")
     assert loaded_val == pytest.approx(saved_val, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- resharded resumes
+RESHARD_STEPS = 5  # 2 steps, a checkpoint, then 3 more after the resume
+SAVED_AT = 2
+
+
+def _copy_run(src: str, dst: str) -> str:
+    import shutil
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        shutil.copytree(src, dst)
+    dist.barrier()
+    return dst
+
+
+def _new_layout() -> None:
+    """Drop megatron's TP/PP groups (not the world) so the next Trainer builds another layout."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.barrier()
+
+
+def _async_save_probe(overrides: list[str]) -> dict:
+    """Train 3 steps saving asynchronously after each (a save waits for the one in flight; the
+    loop polls; the end of training finalises), then save once more: what is on disk before and
+    after that last save is finalised."""
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.testing.runs import with_test_defaults
+    from megatron_midtrain.training import checkpoint as ckpt
+    from megatron_midtrain.training.trainer import build_trainer
+
+    extra = ["train.async_save=true", "train.max_steps=3", "train.save_interval=1"]
+    cfg = load_config(with_test_defaults(overrides + extra))
+    trainer = build_trainer(cfg)
+    root = ckpt.checkpoint_root(cfg.run.dir)
+    partial = os.path.join(root, "iter_0000003.partial")
+
+    def on_disk():
+        return {"pending": ckpt.pending_async_saves(), "complete": complete_checkpoints(root),
+                "partial": os.path.isdir(partial), "partial_meta": os.path.isfile(os.path.join(partial, ckpt.META))}
+
+    try:
+        trainer.train()
+        trained = on_disk()
+        trainer.save()  # step 3 again: the old iter_0000003 stays the complete one until published
+        before = on_disk()
+        ckpt.finalize_async_saves()
+        return {"trained": trained, "before": before, "after": on_disk()}
+    finally:
+        trainer.close(keep_distributed=True)
+
+
+def reshard_job(root: str) -> dict:
+    """Rank job, world 2: checkpoints at TP2 (async save) and PP2 (sync), each resumed at its own
+    layout, then, in the same world re-grouped as TP1 PP1 (DP2), resumed again."""
+    common = [f"train.max_steps={RESHARD_STEPS}", "optimizer.lr=1e-2"]
+    src = {"tp": ["parallel.tp=2", "train.async_save=true"], "pp": ["parallel.pp=2"]}
+    out, runs = {}, {}
+
+    def train(name, layout_overrides, run_dir, *extra):
+        result = train_and_report(layout_overrides + common + [f"run.dir={run_dir}", *extra], keep_distributed=True)
+        out[name] = result.get("records")
+
+    for i, (kind, layout_overrides) in enumerate(src.items()):
+        if i:
+            _new_layout()
+        saved = os.path.join(root, kind, "saved")
+        train(f"{kind}_uninterrupted", layout_overrides, os.path.join(root, kind, "uninterrupted"))
+        if kind == "tp":
+            out["async_probe"] = _async_save_probe(layout_overrides + [f"run.dir={os.path.join(root, 'probe')}"])
+        train(f"{kind}_saved", layout_overrides, saved, f"train.exit_at_step={SAVED_AT}")
+        runs[kind] = (_copy_run(saved, os.path.join(root, kind, "same")), _copy_run(saved, os.path.join(root, kind, "one")))
+        train(f"{kind}2_resumed", layout_overrides, runs[kind][0])
+    _new_layout()
+    for kind in src:
+        train(f"{kind}1_resumed", [], runs[kind][1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    return run_distributed(reshard_job, 2, str(tmp_path_factory.mktemp("reshard")), timeout_s=1800)[0]
+
+
+def _after_resume(records):
+    return [r for r in records if r["step"] > SAVED_AT]
+
+
+@pytest.mark.parametrize("kind", ["tp", "pp"])
+def test_resharded_resume_continues_with_the_same_losses(resharded, kind):
+    """A checkpoint saved at TP2 (PP2) and resumed at TP1 (PP1) takes the same 3 steps as one
+    resumed at TP2 (PP2): the optimizer state (Adam moments, step counts) was resharded.
+
+    The TP2 (PP2) resume is first checked against the uninterrupted run (bitwise), so two
+    resumes that lost the optimizer state alike cannot pass as equal."""
+    same, one = _after_resume(resharded[f"{kind}2_resumed"]), _after_resume(resharded[f"{kind}1_resumed"])
+    full = _after_resume(resharded[f"{kind}_uninterrupted"])
+    assert [r["step"] for r in same] == [r["step"] for r in one] == [3, 4, 5]
+    assert [(r["loss"], r["grad_norm"]) for r in same] == [(r["loss"], r["grad_norm"]) for r in full]
+    for a, b in zip(same, one):
+        print(f"{kind.upper()}2 checkpoint, step {a['step']}: loss {a['loss']!r} at {kind.upper()}2, {b['loss']!r} at "
+              f"{kind.upper()}1 (rel {abs(b['loss'] - a['loss']) / abs(a['loss']):.1e}); grad norm {a['grad_norm']!r} / "
+              f"{b['grad_norm']!r} (rel {abs(b['grad_norm'] - a['grad_norm']) / abs(a['grad_norm']):.1e})")
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+
+
+def test_async_saved_checkpoint_resumes_exactly(resharded):
+    """train.async_save: the checkpoint is complete only once finalised, and resuming from an
+    async-saved checkpoint continues bit for bit like the uninterrupted (sync-saving) run."""
+    probe = resharded["async_probe"]
+    done = {"pending": 0, "complete": [2, 3], "partial": False, "partial_meta": False}
+    assert probe["trained"] == done, probe
+    assert probe["before"] == {"pending": 1, "complete": [2, 3], "partial": True, "partial_meta": False}, probe
+    assert probe["after"] == done, probe
+    resumed, full = _after_resume(resharded["tp2_resumed"]), _after_resume(resharded["tp_uninterrupted"])
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full]

@@ -188,6 +188,11 @@ class TrainConfig:
     """Save a checkpoint every N steps (and always at the end). 0 = only at the end."""
     keep_checkpoints: int = 2
     """Keep this many most recent complete checkpoints (0 = keep all)."""
+    async_save: bool = False
+    """Write checkpoints in a background process (megatron dist_checkpointing's async save) while
+    training continues. A checkpoint becomes complete (meta.json, ``latest``) only after every
+    rank's write has finished: at the next step that finds it done, the next save, the end of
+    training or Trainer.close(). A crash before that leaves only ``iter_N.partial``."""
     eval_interval: int = 50
     """Validation loss every N steps (and at the end). 0 = never."""
     eval_batches: int = 4

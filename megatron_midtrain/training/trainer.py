@@ -29,7 +29,7 @@ from megatron_midtrain.losses.ntp import NTPMethod
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
 from megatron_midtrain.model.init import init_parameters
 from megatron_midtrain.training import checkpoint as ckpt
-from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources
+from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources, to_device
 from megatron_midtrain.training.distributed import broadcast_object, init_distributed, shutdown
 from megatron_midtrain.training.schedule import build_lr_scheduler
 from megatron_midtrain.training.metrics import MetricsWriter, Progress, plot_metrics
@@ -284,16 +284,9 @@ class Trainer:
         self._stop_requested = True
 
     def _forward_step(self, method, data_iterator, model):
-        batch = next(data_iterator)
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        position_ids = batch["position_ids"].to(self.device, non_blocking=True)
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-        output = model(tokens, position_ids, attention_mask)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
-        return output, partial(self._loss_func, method, labels, loss_mask, batch)
+        batch = to_device(next(data_iterator), self.device)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return output, partial(self._loss_func, method, batch["labels"], batch["loss_mask"], batch)
 
     def _loss_func(self, method, labels, loss_mask, extras, logits):
         tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -422,7 +415,8 @@ class Trainer:
 
     def save(self) -> None:
         ckpt.save_checkpoint(self.run_dir, self.step, self.model.module, self.optimizer, self.scheduler,
-                             self._checkpoint_meta(), self.cfg.train.keep_checkpoints)
+                             self._checkpoint_meta(), self.cfg.train.keep_checkpoints,
+                             async_save=self.cfg.train.async_save)
         if self.rank0 and self.cfg.run.plot:
             plot_metrics(self.run_dir)
 
@@ -473,15 +467,20 @@ class Trainer:
             stop = self._should_stop() or (cfg.exit_at_step is not None and step >= cfg.exit_at_step)
             if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps or stop:
                 self.save()
+            else:
+                ckpt.poll_async_saves()  # an async save whose writes all finished becomes complete now
             if stop:
+                ckpt.finalize_async_saves()
                 log0(f"stopping after step {step} (checkpoint saved); rerun the same command to resume")
                 return
+        ckpt.finalize_async_saves()
         log0(f"done: {self.step} steps, outputs in {self.run_dir}")
 
     def close(self, keep_distributed: bool = False) -> None:
         """Flush outputs and tear down torch.distributed, unless another Trainer follows in
         this process (demo model stages): re-creating gloo groups right after destroying
         them races between ranks and can fail with "connection refused"."""
+        ckpt.finalize_async_saves()  # needs the process groups: before any teardown
         if self.metrics is not None:
             self.metrics.close()
         if not keep_distributed:

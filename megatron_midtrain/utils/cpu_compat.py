@@ -56,6 +56,7 @@ PATCHED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.async_utils",  # async save: cuda.synchronize, done-flag all-reduce
 )
 
 _CUDA_PREFIX = "cuda"
