@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Record 10-step losses of every method before issue 13's trainer restructuring.
+
+    python tests/data/record_refactor_baseline.py [--out tests/data/refactor_baseline.json]
+
+Issue 13 restructures the training core with no change in behaviour; the suite then has to
+reproduce these numbers bit for bit (fp32, CPU, gloo). For ntp, remit (co-located and
+offline), rho1, kd, grpo and rmt, at TP1 (1 rank) and TP2·PP2 (4 ranks), it trains 10 steps
+from the same seed and keeps every number of each step's ``metrics.jsonl`` record except
+wall-clock timings (loss, grad norm, lr, method statistics, rollout rewards and lengths).
+RL methods use real, seeded rollouts (the whole rollout -> reward -> update loop; GRPO with
+a k3 KL term to the reference, since a random policy's rewards, and so its advantages, are 0). The frozen
+reference is the demo model after 4 NTP steps at lr 1e-2 (as in tests/conftest.py), and the
+offline store is that reference's scores of the same 10 steps.
+
+``record(root)`` returns the same structure as the JSON, so a test can rerun it and compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+STEPS = 10
+LAYOUTS = {"tp1": (1, []), "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"])}
+_RL = ["method.prompts_per_step=4", "method.group_size=4", "method.rollout_micro_batch_size=4", "method.max_new_tokens=8",
+       "optimizer.lr=1e-3", "schedule.warmup_steps=0"]
+
+
+def method_overrides(ref: str, store: str, entropy_dirs: list[str]) -> dict[str, list[str]]:
+    return {
+        "ntp": [],
+        "remit": ["method=remit", f"reference.checkpoint={ref}"],
+        "remit_offline": ["method=remit", "reference.mode=offline", f"reference.scores={store}"],
+        "rho1": ["method=rho1", f"reference.checkpoint={ref}"],
+        "kd": ["method=kd", "method.temperature=2.0", "method.alpha=0.5", f"reference.checkpoint={ref}"],
+        # A random policy gets the same (zero) reward for every rollout, so GRPO's advantages
+        # vanish; the k3 KL to the reference keeps its gradient, and so the record, informative.
+        "grpo": ["method=grpo", "method.eval_problems=0", "method.answer_format=plain", "method.kl_beta=0.1",
+                 f"reference.checkpoint={ref}"] + _RL,
+        "rmt": ["method=rmt", "method.prompt_template='{context}'", "method.answer_format=plain", "method.context_tokens=32",
+                "method.budget_b0=4", "method.budget_gamma=0.5", f"method.entropy_dirs=[{entropy_dirs[0]},{entropy_dirs[1]}]"] + _RL,
+    }
+
+
+#: Wall-clock figures: they differ from run to run by nature.
+_TIMING = ("tokens_per_s", "step_time_s", "rl/gen_tokens_per_s", "rl/gen_time_s", "rl/train_time_s", "rl/gen_time_frac")
+
+
+def _deterministic(record: dict) -> dict:
+    """Every logged number of a step except wall-clock timings (GRPO's on-policy loss is 0 by
+    construction, so its grad norm and rollout statistics carry the comparison)."""
+    return {k: v for k, v in record.items() if k not in _TIMING and isinstance(v, (int, float))}
+
+
+def _score(overrides: list[str]) -> dict:
+    from megatron_midtrain.reference.offline import score_reference
+    from megatron_midtrain.testing.runs import with_test_defaults
+
+    return score_reference(with_test_defaults(overrides))
+
+
+def record(root: str) -> dict:
+    """Train every (layout, method) cell under ``root``; ``{layout: {method: [{step, loss, grad_norm}]}}``."""
+    from megatron_midtrain.data.demo import ensure_demo_assets
+    from megatron_midtrain.testing.distributed import run_distributed
+    from megatron_midtrain.testing.rollouts import demo_entropy_dirs
+    from megatron_midtrain.testing.runs import run_jobs
+
+    cache = os.environ.setdefault("MIDTRAIN_CACHE", os.path.join(root, "cache"))
+    ensure_demo_assets(cache)
+    ref, store = os.path.join(root, "reference"), os.path.join(root, "scores")
+    run_distributed(run_jobs, 1, [("train", ["train.max_steps=4", "optimizer.lr=1e-2", "run.seed=7", f"run.dir={ref}"])],
+                    timeout_s=3600)
+    # Scoring tears its process groups down, so it gets a world of its own.
+    run_distributed(_score, 1, ["method=remit", f"reference.checkpoint={ref}", f"reference.scores={store}",
+                                f"train.max_steps={STEPS}"], timeout_s=3600)
+    methods = method_overrides(ref, store, demo_entropy_dirs(cache, os.path.join(root, "entropy")))
+    out: dict = {}
+    for layout, (world, parallel) in LAYOUTS.items():
+        jobs = [("train", parallel + over + [f"train.max_steps={STEPS}", f"run.dir={os.path.join(root, layout, name)}"])
+                for name, over in methods.items()]
+        results = run_distributed(run_jobs, world, jobs, timeout_s=3600)[0]
+        out[layout] = {name: [_deterministic(r) for r in res["records"]] for name, res in zip(methods, results)}
+        print(f"{layout}: recorded {', '.join(methods)}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "refactor_baseline.json"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as root:
+        data = record(root)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"steps": STEPS, "losses": data}, fh, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
