@@ -65,8 +65,10 @@ def worst_difference(layout_runs, family: str, method: str, layout: str) -> tupl
 #: (same weights), i.e. after two Adam steps on these small, cancelling gradients; TP1 against
 #: TP1 with another micro-batch split reaches 4.5e-6 there. Reported as non-strict xfail so the
 #: figures stay visible, not hidden.
-KNOWN_OVER = {"grpo": "GRPO fixed-rollout input-norm gradients differ by 1.1-1.7e-5 at TP2 (bound 1e-5), unexplained",
-              "rmt": "RMT fixed-rollout input-norm gradients differ by 1.0-1.4e-5 at TP2 (bound 1e-5), unexplained"}
+#: The extended (slow) cells at TP2 reach 1.5e-5 to 5.8e-5 (GRPO) and 1.0e-5 to 7.0e-5 (RMT),
+#: mostly at step 3.
+KNOWN_OVER = {"grpo": "GRPO fixed-rollout gradients differ by 1.1e-5 to 5.8e-5 (bound 1e-5), unexplained",
+              "rmt": "RMT fixed-rollout gradients differ by 1.0e-5 to 7.0e-5 (bound 1e-5), unexplained"}
 #: 30-step trajectories over the bound: none since the trajectory runs use lr 1e-3 (see METHODS
 #: in conftest.py: at 3e-3 TP1 against TP1 with another micro-batch split already drifts 1.3e-4).
 TRAJECTORY_OVER: set = set()
