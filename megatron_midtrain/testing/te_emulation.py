@@ -86,54 +86,43 @@ class _ExtraState:
         self.extra_state_loaded = pickle.loads(state.numpy().tobytes())
 
 
-def _tp_group():
-    return parallel_state.get_tensor_model_parallel_group()
+class _TEWrapper(_ExtraState):
+    """A stand-in for a megatron TE wrapper: megatron's ``sharded_state_dict`` of those reads
+    ``self._tp_group``; every one carries an ``_extra_state``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._init_extra_state()
 
 
-class TELayerNormColumnParallelLinear(_ExtraState, ColumnParallelLinear):
+class TELayerNormColumnParallelLinear(_TEWrapper, ColumnParallelLinear):
     """RMSNorm (weight ``layer_norm_weight``) fused in front of a column-parallel linear."""
 
     sharded_state_dict = megatron_te_method("TELayerNormColumnParallelLinear", "sharded_state_dict")
 
     def __init__(self, input_size, output_size, *, config, **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
-        self._tp_group = _tp_group()
         self.eps = config.layernorm_epsilon
         self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype))
         self.layer_norm_weight.sequence_parallel = config.sequence_parallel
-        self._init_extra_state()
 
     def forward(self, x):
         return super().forward(F.rms_norm(x, (x.shape[-1],), self.layer_norm_weight, self.eps))
 
 
-class TEColumnParallelLinear(_ExtraState, ColumnParallelLinear):
+class TEColumnParallelLinear(_TEWrapper, ColumnParallelLinear):
     sharded_state_dict = megatron_te_method("TEColumnParallelLinear", "sharded_state_dict")
 
-    def __init__(self, input_size, output_size, *, config, **kwargs):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        self._tp_group = _tp_group()
-        self._init_extra_state()
 
-
-class TERowParallelLinear(_ExtraState, RowParallelLinear):
+class TERowParallelLinear(_TEWrapper, RowParallelLinear):
     sharded_state_dict = megatron_te_method("TERowParallelLinear", "sharded_state_dict")
 
-    def __init__(self, input_size, output_size, *, config, **kwargs):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        self._tp_group = _tp_group()
-        self._init_extra_state()
 
-
-class TEDotProductAttention(_ExtraState, SDPAttention):
+class TEDotProductAttention(_TEWrapper, SDPAttention):
     # megatron's version checkpoints nothing unless the softmax offset is learnable: the
     # module's _extra_state is in state_dict() but never in the checkpoint.
     sharded_state_dict = megatron_te_method("TEDotProductAttention", "sharded_state_dict")
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
-        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
-        self._tp_group = _tp_group()
-        self._init_extra_state()
 
 
 class TENorm(_ExtraState, torch.nn.Module):
