@@ -24,9 +24,9 @@ register_configs()
 @exit_on_user_error  # inside Hydra too: its own handler would print a multi-line report
 def _run(cfg) -> None:
     from megatron_midtrain.training.demo_models import with_demo_models
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
-    trainer = build_trainer(with_demo_models(to_dataclass(cfg)))
+    trainer = Trainer(with_demo_models(to_dataclass(cfg)))
     try:
         trainer.train()
     finally:

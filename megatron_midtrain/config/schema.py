@@ -211,8 +211,6 @@ class TrainConfig:
     exit_at_step: Optional[int] = None
     """Stop cleanly after this step (checkpoint written) without changing the LR schedule,
     e.g. to split a run across SLURM allocations. SIGTERM/SIGUSR1 do the same at the next step."""
-    inject_nonfinite_at: List[int] = field(default_factory=list)
-    """Fault injection for tests: make the loss NaN at these steps."""
 
     def __post_init__(self):
         if self.max_steps < 1:

@@ -13,6 +13,17 @@ A method turns ``(logits shard, labels, loss mask, extras)`` into
 
 The maths lives in pure functions (``ntp.py`` ...) on plain tensors; the classes
 here only adapt them to this interface.
+
+A method also owns what happens around its forward/backward:
+
+* ``inputs``: the per-micro-batch inputs it needs beyond the data, by name
+  (:mod:`megatron_midtrain.training.inputs`: reference log-probs, reference hidden states,
+  a policy prepass), computed by the default corpus step before the schedule runs;
+* optionally ``make_step(trainer)``: a step of its own instead of the corpus step (the RL
+  methods' rollout step), ``check_inputs(cfg, layout, sources, tokenizer_id)`` (checks before
+  anything is written) and ``callbacks(cfg)`` (extras it reports, e.g. held-out accuracy).
+
+docs/architecture.md walks through adding a method.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ class Method(Protocol):
     #: What the method needs from a frozen reference: None, or "target_logprobs"
     #: (``extras["ref_logprobs"]``, ``[mbs, seq]`` fp32 on the last stage).
     needs_reference: str | None
+    #: Names of the inputs (megatron_midtrain.training.inputs.INPUTS) the loss reads, in order.
+    inputs: tuple[str, ...]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, extras: dict, tp_group) -> tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         ...

@@ -75,6 +75,7 @@ def vocab_parallel_soft_cross_entropy(student_logits, teacher_logits, temperatur
 @register_method("kd")
 class KDMethod:
     needs_reference = "logits"
+    inputs = ("reference_hidden",)
 
     def __init__(self, cfg, **context):
         self.temperature = float(cfg.temperature)

@@ -16,7 +16,10 @@ def ntp_loss_sum(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch
 
 @register_method("ntp")
 class NTPMethod:
+    """Plain next-token prediction: the mean token NLL."""
+
     needs_reference = None
+    inputs = ()
 
     def __init__(self, cfg=None, **context):
         self.cfg = cfg

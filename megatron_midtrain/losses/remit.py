@@ -105,6 +105,7 @@ class ReMiTMethod:
     """``L = sum(mask * w * -logp_theta) / sum(mask)`` with w from :func:`remit_token_weights`."""
 
     needs_reference = "target_logprobs"
+    inputs = ("reference_logprobs",)
 
     def __init__(self, cfg, eod_id: int | None = None, **context):
         self.clip_eps = float(cfg.clip_eps)

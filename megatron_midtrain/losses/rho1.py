@@ -69,7 +69,8 @@ class Rho1Method:
     def __init__(self, cfg, **context):
         self.keep_ratio = float(cfg.keep_ratio)
         self.scope = cfg.scope
-        self.needs_policy_prepass = self.scope == "global"
+        # Global scope: a forward-only policy pass scores the whole global batch first.
+        self.inputs = ("reference_logprobs", "policy_prepass") if self.scope == "global" else ("reference_logprobs",)
 
     # --- global scope: scores from a forward-only pass, then one threshold for the global batch
     @torch.no_grad()

@@ -88,3 +88,12 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, group=No
     Returns fp32 log-probs of shape ``target.shape``.
     """
     return _VocabParallelLogProb.apply(logits, target, group, chunk)
+
+
+def label_logprobs(batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Score function for :func:`~megatron_midtrain.training.forward.forward_only`: fp32
+    ``log p(labels)`` ``[mbs, seq]`` of a micro-batch from its logits shard (TP group of megatron)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    return vocab_parallel_logprobs(logits, batch["labels"], group).detach().float()

@@ -16,17 +16,13 @@ extra pipeline fill/drain per step, which shrinks with more micro-batches.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
-
 import torch
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_midtrain.errors import UserError
-from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+from megatron_midtrain.losses.vocab_parallel import label_logprobs
 from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config
 from megatron_midtrain.training import checkpoint as ckpt
-from megatron_midtrain.training.data import to_device
+from megatron_midtrain.training.forward import forward_only
 from megatron_midtrain.training.checkpoint import resolve_checkpoint_dir  # noqa: F401  (re-export for tools)
 
 
@@ -58,40 +54,23 @@ class ColocatedReference:
         self.model.eval()
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._hidden_only = False
+        self._output_weight = None
 
-    def _forward_step(self, device, data_iterator, model):
-        batch = to_device(next(data_iterator), device)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return output, partial(self._collect, batch["labels"])
-
-    @staticmethod
-    def _collect(labels, logits, non_loss_data=False):
-        if non_loss_data:  # final_hidden(): the "logits" are the pre-output-layer hidden states
-            return logits
-        logp = vocab_parallel_logprobs(logits, labels, parallel_state.get_tensor_model_parallel_group())
-        return logp.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logp.device), {"ref_logprobs": logp}
-
-    def _forward_only(self, micro_batches, num_microbatches: int, device, collect_non_loss_data: bool = False):
-        """One forward-only pass of megatron's pipeline schedule over the step's micro-batches."""
-        return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, device),
-            data_iterator=micro_batches,
-            model=[self.model],
-            num_microbatches=num_microbatches,
-            seq_length=self.cfg.data.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            decoder_seq_length=self.cfg.data.seq_length,
-            forward_only=True,
-            collect_non_loss_data=collect_non_loss_data,
-        )
+    def _forward_only(self, micro_batches, num_microbatches: int, device, score_fn, seq_length=None, micro_batch_size=None):
+        return forward_only(self.model, micro_batches, num_microbatches, score_fn,
+                            seq_length=seq_length or self.cfg.data.seq_length,
+                            micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size, device=device)
 
     @torch.no_grad()
-    def target_logprobs(self, micro_batches, num_microbatches: int, device) -> list:
-        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere)."""
-        out = self._forward_only(micro_batches, num_microbatches, device)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            return [o["ref_logprobs"] for o in out]
-        return [None] * num_microbatches
+    def target_logprobs(self, micro_batches, num_microbatches: int, device, seq_length: int | None = None,
+                        micro_batch_size: int | None = None) -> list:
+        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere).
+
+        ``seq_length``/``micro_batch_size`` default to the corpus batches' (rollout batches differ)."""
+        if self._hidden_only:
+            raise RuntimeError("this reference serves final hidden states (KD); it has no output layer in its forward")
+        return self._forward_only(micro_batches, num_microbatches, device, label_logprobs, seq_length, micro_batch_size)
 
     @torch.no_grad()
     def final_hidden(self, micro_batches, num_microbatches: int, device) -> list:
@@ -101,21 +80,30 @@ class ColocatedReference:
         logits, so they are what is kept between the reference pass and the policy's loss, where
         :meth:`logits_from_hidden` turns one micro-batch at a time into a logits shard.
         """
-        layer = getattr(self.model, "output_layer", None)
-        if layer is not None:
-            layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
-        try:
-            out = self._forward_only(micro_batches, num_microbatches, device, collect_non_loss_data=True)
-        finally:
-            if layer is not None:
-                del layer.forward  # back to the class's forward
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            return list(out)
-        return [None] * num_microbatches
+        if not self._hidden_only:
+            self._stop_before_output_layer()
+        return self._forward_only(micro_batches, num_microbatches, device, _batch_major)
+
+    def _stop_before_output_layer(self) -> None:
+        """From now on this reference's forward returns the final hidden states.
+
+        megatron's GPTModel returns the decoder's output (after the final norm) when
+        ``post_process`` is off; its output layer and (tied) weight stay for
+        :meth:`logits_from_hidden`, which applies them one micro-batch at a time. A reference
+        serves one method, so this is set once, not toggled per call.
+        """
+        model = self.model
+        self._output_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        model.post_process = False
+        self._hidden_only = True
 
     @torch.no_grad()
     def logits_from_hidden(self, hidden):
         """[b, s, h] reference hidden states -> [b, s, V/tp] logits shard (reference output layer)."""
-        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
-        logits, _ = self.model.output_layer(hidden.transpose(0, 1), weight=weight)
+        logits, _ = self.model.output_layer(hidden.transpose(0, 1), weight=self._output_weight)
         return logits.transpose(0, 1)
+
+
+def _batch_major(batch, hidden):  # noqa: ARG001
+    """[s, b, h] -> [b, s, h] (the layout of the logits the policy's loss receives)."""
+    return hidden.transpose(0, 1).contiguous()

@@ -139,7 +139,7 @@ def score(cfg, dtype: str = "float32", log_interval: int = 0) -> dict:
     from megatron_midtrain.reference.colocated import ColocatedReference
     from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources
     from megatron_midtrain.training.distributed import init_distributed, shutdown
-    from megatron_midtrain.training.trainer import param_dtype, seed_everything
+    from megatron_midtrain.training.runtime import param_dtype, seed_everything
 
     if dtype not in score_store.DTYPES:
         raise UserError(f"--dtype {dtype} is not supported", "use --dtype float16 or float32")

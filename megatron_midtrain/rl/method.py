@@ -1,31 +1,32 @@
-"""The RL methods' loss adapters for megatron's schedule (last pipeline stage).
+"""The registered RL methods (``rmt``, ``grpo``): their step is the rollout step.
 
-An RL step runs the schedule over two kinds of micro-batches (see :mod:`megatron_midtrain.rl.trainer`):
+An RL step (:class:`megatron_midtrain.rl.step.RolloutStep`) runs the schedule over two kinds
+of micro-batches:
 
 * corpus micro-batches, for the NTP half of RMT's dual objective ``λ·L_NTP(S \\ Φ_RL)``
-  (:class:`RLMethod.loss`, the registered method's ordinary loss);
-* rollout micro-batches (prompt + response), for ``L_RL`` (:class:`GRPOLoss`).
+  (:meth:`RLMethod.loss`, the registered method's ordinary loss);
+* rollout micro-batches (prompt + response), for ``L_RL`` (:class:`megatron_midtrain.rl.losses.GRPOLoss`).
 
 Both return losses already divided by *global* normalisers (counted over every micro-batch
 and data-parallel rank before the step), so the per-micro-batch sums add up to the global
-objective; the trainer then all-reduces gradients over DP without a further division.
-The maths is in the pure functions of :mod:`megatron_midtrain.rl.grpo`.
+objective; the gradients are then summed over DP without a further division.
 """
 
 from __future__ import annotations
 
 import torch
 
+from megatron_midtrain.errors import UserError
 from megatron_midtrain.losses.base import register_method, report_entry
 from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
-from megatron_midtrain.rl.grpo import aggregation_units, grpo_policy_loss, ntp_loss_outside
+from megatron_midtrain.rl.grpo import ntp_loss_outside
 
 
 class RLMethod:
     """Base of the registered RL methods: NTP over the corpus tokens outside Φ_RL."""
 
     needs_reference = None
-    #: The trainer switches to the rollout loop (megatron_midtrain.rl.trainer.RLTrainer).
+    #: Marks the methods whose step generates rollouts (tests and tools ask).
     is_rl = True
 
     def __init__(self, cfg, **context):
@@ -42,6 +43,45 @@ class RLMethod:
     def finalize_report(self, report):
         return report
 
+    def check_inputs(self, cfg, layout, sources, tokenizer_id) -> None:
+        """Layout and side-data checks, before the run directory is written."""
+        from megatron_midtrain.rl.entropy import check_entropy_alignment
+        from megatron_midtrain.rl.tasks import read_problems
+
+        rl, dp = cfg.method, layout.dp
+        if rl.prompts_per_step % dp:
+            raise UserError(f"method.prompts_per_step={rl.prompts_per_step} is not divisible by DP={dp}",
+                            "use a multiple of the data-parallel size")
+        rows = rl.prompts_per_step // dp * rl.group_size
+        if rows % rl.rollout_micro_batch_size:
+            raise UserError(f"{rows} rollouts per DP rank (prompts_per_step/DP x group_size) are not divisible by "
+                            f"method.rollout_micro_batch_size={rl.rollout_micro_batch_size}", "pick a divisor")
+        if rl.name == "rmt":
+            _, prefixes, _ = sources
+            if len(rl.entropy_dirs) != len(prefixes):
+                raise UserError(f"method.entropy_dirs has {len(rl.entropy_dirs)} entries for {len(prefixes)} datasets",
+                                "give one entropy index (tools/preprocess_entropy.py --output DIR) per data path, in order")
+            for d, prefix in zip(rl.entropy_dirs, prefixes):
+                check_entropy_alignment(d, prefix, tokenizer_id)
+        else:
+            for path, what in ((rl.task_file, "method.task_file"), (rl.eval_file, "method.eval_file")):
+                if path:
+                    read_problems(path, what)
+
+    def make_step(self, trainer):
+        """The rollout -> reward -> advantage -> update step."""
+        from megatron_midtrain.rl.step import RolloutStep
+
+        return RolloutStep(trainer, self)
+
+    def callbacks(self, cfg) -> list:
+        """GRPO on verifiable problems reports greedy held-out accuracy."""
+        if cfg.method.name == "grpo" and cfg.method.eval_problems > 0:
+            from megatron_midtrain.callbacks.heldout_accuracy import HeldOutAccuracy
+
+            return [HeldOutAccuracy(cfg.train.eval_interval, cfg.train.max_steps)]
+        return []
+
 
 @register_method("rmt")
 class RMTMethod(RLMethod):
@@ -55,45 +95,3 @@ class GRPOMethod(RLMethod):
     def __init__(self, cfg, **context):
         super().__init__(cfg, **context)
         self.ntp_weight = 0.0
-
-
-class GRPOLoss:
-    """Clipped GRPO loss on one rollout micro-batch (``loss_mask`` = response mask)."""
-
-    needs_reference = None
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def loss(self, logits, labels, loss_mask, extras, tp_group):
-        cfg = self.cfg
-        logp = vocab_parallel_logprobs(logits, labels, tp_group)
-        loss, stats = grpo_policy_loss(
-            logp, extras["old_logprobs"], extras["advantages"], loss_mask,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_logprobs=extras.get("ref_logprobs"),
-            beta=cfg.kl_beta, agg=cfg.loss_agg, drgrpo_constant=extras.get("drgrpo_constant"),
-        )
-        units = aggregation_units(loss_mask, cfg.loss_agg)
-        scaled = loss * (units / extras["agg_normalizer"]).to(loss.dtype)
-        n = stats["num_tokens"]
-        report = {
-            "rl/pg_loss": report_entry(stats["pg_loss"] * units, units),
-            "rl/clip_frac": report_entry(stats["clip_frac"] * n, n),
-            "rl/kl": report_entry(stats["kl_mean"] * n, n),
-            "rl/ratio_mean": report_entry(stats["ratio_mean"] * n, n),
-            "rl/rl_loss": report_entry(loss.detach() * units, units),
-        }
-        return scaled, loss_mask.sum().to(torch.int), report
-
-    def finalize_report(self, report):
-        return report
-
-
-class LogprobCollector:
-    """Forward-only: the per-token log-probs of the labels, as the micro-batch's report."""
-
-    needs_reference = None
-
-    def loss(self, logits, labels, loss_mask, extras, tp_group):
-        logp = vocab_parallel_logprobs(logits, labels, tp_group).detach().float()
-        return logits.sum() * 0.0, torch.zeros((), dtype=torch.int, device=logits.device), {"logprobs": logp}

@@ -39,9 +39,9 @@ def fixed_rollouts(step: int, prompt_rows: list[list[int]], group_size: int):
 
 
 def use_fixed_rollouts(trainer) -> None:
-    """Make an RL trainer take :func:`fixed_rollouts` instead of generating."""
+    """Make an RL trainer's step take :func:`fixed_rollouts` as its rollout source instead of generating."""
     group = trainer.cfg.method.group_size
-    trainer.fixed_responses = lambda step, rows: fixed_rollouts(step, rows, group)
+    trainer.method_step.rollouts = lambda step, rows, params, seed: fixed_rollouts(step, rows, group)
 
 
 def fake_entropy_index(prefix: str, out: str) -> str:

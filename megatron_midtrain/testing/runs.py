@@ -18,16 +18,23 @@ def with_test_defaults(overrides: list[str]) -> list[str]:
     return TEST_OVERRIDES + ([] if chosen else ["method=ntp"]) + list(overrides)
 
 
-def train_and_report(overrides: list[str], keep_distributed: bool = False) -> dict:
-    """Train with ``overrides``; return rank 0's per-step losses/grad norms (others return {})."""
+def train_and_report(overrides: list[str], keep_distributed: bool = False, callbacks=None,
+                     fixed_rollouts: bool = False) -> dict:
+    """Train with ``overrides`` (and extra ``callbacks``; RL methods on
+    :func:`~megatron_midtrain.testing.rollouts.fixed_rollouts` if asked); return rank 0's
+    per-step records (other ranks return {})."""
     import torch.distributed as dist
 
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import build_trainer as Trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     cfg = load_config(with_test_defaults(overrides))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, callbacks=callbacks)
+    if fixed_rollouts and getattr(trainer.method, "is_rl", False):
+        from megatron_midtrain.testing.rollouts import use_fixed_rollouts
+
+        use_fixed_rollouts(trainer)
     try:
         trainer.train()
         rank0 = dist.get_rank() == 0
@@ -35,19 +42,20 @@ def train_and_report(overrides: list[str], keep_distributed: bool = False) -> di
         trainer.close(keep_distributed=keep_distributed)
     if not rank0:
         return {}
-    records = read_metrics(cfg.run.dir)
-    return {"records": records}
+    return {"records": read_metrics(cfg.run.dir), "run_dir": cfg.run.dir}
 
 
 def validation_loss(overrides: list[str]) -> float:
     """Build (and resume) a trainer from ``overrides`` and return the validation loss."""
     from megatron_midtrain.config.loader import load_config
-    from megatron_midtrain.training.trainer import build_trainer as Trainer
+    from megatron_midtrain.training.trainer import Trainer
+
+    from megatron_midtrain.callbacks.validation import validation_loss
 
     cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
     try:
-        return trainer.evaluate()
+        return validation_loss(trainer)
     finally:
         trainer.close()
 
@@ -57,7 +65,7 @@ def save_initial_checkpoint(overrides: list[str], keep_distributed: bool = False
     import os
 
     from megatron_midtrain.config.loader import load_config
-    from megatron_midtrain.training.trainer import build_trainer as Trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     cfg = load_config(with_test_defaults(overrides))
     trainer = Trainer(cfg)
@@ -80,39 +88,16 @@ def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: st
     import os
 
     import torch
-    import torch.distributed as dist
 
-    from megatron_midtrain.config.loader import load_config
-    from megatron_midtrain.testing.grads import full_gradients
-    from megatron_midtrain.testing.rollouts import use_fixed_rollouts
-    from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.testing.callbacks import CaptureGradients
 
-    cfg = load_config(with_test_defaults(overrides))
-    trainer = build_trainer(cfg)
-    if getattr(trainer.method, "is_rl", False):
-        use_fixed_rollouts(trainer)
-    captured = {}
-    take_step = trainer.train_step
-
-    def step_and_capture():
-        record = take_step()
-        if record["step"] in capture_steps:
-            # After the step the buffers still hold its (reduced, clipped) gradients.
-            captured[record["step"]] = full_gradients([trainer.model])
-        return record
-
-    trainer.train_step = step_and_capture
-    try:
-        trainer.train()
-        rank0 = dist.get_rank() == 0
-    finally:
-        trainer.close(keep_distributed=keep_distributed)
-    if not rank0:
+    capture = CaptureGradients(capture_steps)
+    out = train_and_report(overrides, keep_distributed, callbacks=[capture], fixed_rollouts=True)
+    if not out:
         return {}
-    path = grads_file or os.path.join(cfg.run.dir, "grads.pt")
-    torch.save(captured, path)
-    return {"records": read_metrics(cfg.run.dir), "grads": path}
+    path = grads_file or os.path.join(out["run_dir"], "grads.pt")
+    torch.save(capture.captured, path)
+    return {"records": out["records"], "grads": path}
 
 
 JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture}

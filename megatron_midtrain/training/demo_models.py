@@ -85,7 +85,7 @@ def _stage_config(cfg: MidtrainConfig, run_dir: str, steps: int, math_weight: fl
         data=dataclasses.replace(cfg.data, demo_math_weight=math_weight),
         train=dataclasses.replace(
             cfg.train, max_steps=steps, save_interval=0, eval_interval=0, exit_at_step=None,
-            init_from=init_from, inject_nonfinite_at=[], log_interval=max(1, steps // 4),
+            init_from=init_from, log_interval=max(1, steps // 4),
             global_batch_tokens=batch_tokens,
             micro_batch_size=_stage_micro_batch(cfg, batch_tokens),
         ),
@@ -116,13 +116,14 @@ def _data_parallel_size(cfg: MidtrainConfig) -> int:
 
 
 def _train_stage(stage_cfg: MidtrainConfig, label: str) -> str:
-    from megatron_midtrain.training.trainer import build_trainer, log0
+    from megatron_midtrain.training.runtime import log0
+    from megatron_midtrain.training.trainer import Trainer
 
     root = ckpt.checkpoint_root(stage_cfg.run.dir)
     if ckpt.latest_checkpoint(root) == stage_cfg.train.max_steps:
         return stage_cfg.run.dir
     log0(f"[demo models] building the {label} ({stage_cfg.train.max_steps} steps) in {stage_cfg.run.dir}")
-    trainer = build_trainer(stage_cfg)
+    trainer = Trainer(stage_cfg)
     try:
         trainer.train()
     finally:

@@ -1,0 +1,50 @@
+"""Validation loss (``val/loss``) every ``train.eval_interval`` steps and at the last step."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megatron_midtrain.callbacks.base import Callback
+from megatron_midtrain.losses.ntp import NTPMethod
+from megatron_midtrain.training.forward import forward_only, reduce_reports
+
+
+def validation_loss(trainer) -> float:
+    """Mean token NLL over ``train.eval_batches`` validation batches (NaN without a validation split).
+
+    Always plain NTP, whatever the method, so that runs of different methods compare. Collective.
+    """
+    batches = trainer.valid_batches
+    if batches is None:
+        return float("nan")
+    cfg, method = trainer.cfg, NTPMethod()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def score(batch, logits):
+        loss_sum, num_tokens, _ = method.loss(logits, batch["labels"], batch["loss_mask"], batch, tp_group)
+        return {"loss": torch.stack([loss_sum.double(), num_tokens.double()])}
+
+    trainer.model.eval()
+    totals = []
+    for i in range(cfg.train.eval_batches):
+        outs = forward_only(trainer.model, batches.iterator(i), batches.num_microbatches, score,
+                            seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                            device=trainer.device)
+        totals.append(reduce_reports(outs, trainer.layout.dp, trainer.layout.pp)["loss"])
+    trainer.model.train()
+    return float(np.mean(totals))
+
+
+class ValidationLoss(Callback):
+    """Adds ``val/loss`` to the record at every ``interval``-th step and at ``max_steps`` (0: never)."""
+
+    def __init__(self, interval: int, max_steps: int):
+        self.interval = interval
+        self.max_steps = max_steps
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        step = record["step"]
+        if self.interval and (step % self.interval == 0 or step == self.max_steps):
+            record["val/loss"] = validation_loss(trainer)
