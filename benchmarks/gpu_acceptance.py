@@ -5,8 +5,8 @@
     torchrun --nproc-per-node 1 benchmarks/gpu_acceptance.py           # the same under torchrun
     python benchmarks/gpu_acceptance.py --cpu-smoke                     # tiny shapes, fp32, gloo (CI)
 
-One process runs the real code path of ``midtrain`` (``build_trainer`` -> ``Trainer`` /
-``RLTrainer``, the train loop, dist checkpoints, the offline scorer, KV-cache generation) for:
+One process runs the real code path of ``midtrain`` (``Trainer`` with its
+method's step, the train loop, dist checkpoints, the offline scorer, KV-cache generation) for:
 
 1. **methods**: ntp, remit co-located, remit offline, rho1, kd, grpo and rmt each train
    ``--steps`` steps (5; 2 with ``--cpu-smoke``) of ``midtrain``'s train loop on the embedded
@@ -238,7 +238,7 @@ def method_runs(run: Run, reference: str, entropy_dirs: list[str]) -> dict:
 
 def train_method(run: Run, name: str, overrides: list[str], offline: bool, reference: str, no_fall: str | None = None) -> None:
     from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     start = time.perf_counter()
     slug = name.replace(" ", "_").replace("(", "").replace(")", "")
@@ -250,7 +250,7 @@ def train_method(run: Run, name: str, overrides: list[str], offline: bool, refer
         overrides = overrides + [f"reference.scores={store}"]
         _score_offline(run.config(overrides + [f"reference.checkpoint={reference}"]))
     cfg = run.config(overrides)
-    trainer = build_trainer(cfg)
+    trainer = Trainer(cfg)
     run.note_backend()
     try:
         trainer.train()
@@ -296,7 +296,7 @@ def _has_async_save() -> bool:
 
 def resume_check(run: Run, name: str, use_async: bool) -> None:
     from megatron_midtrain.training import checkpoint as ckpt
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     start = time.perf_counter()
     run_dir = os.path.join(run.work, "checkpoint", "async" if use_async else "sync")
@@ -304,7 +304,7 @@ def resume_check(run: Run, name: str, use_async: bool) -> None:
     if use_async:
         extra.append("train.async_save=true")
     cfg_overrides = run.overrides("method=ntp", "train.max_steps=4", f"run.dir={run_dir}", *extra)
-    first = build_trainer(run.config(cfg_overrides))
+    first = Trainer(run.config(cfg_overrides))
     run.note_backend()
     try:
         before = [first.train_step()["loss"] for _ in range(2)]
@@ -317,7 +317,7 @@ def resume_check(run: Run, name: str, use_async: bool) -> None:
         run.add("checkpoint", name, FAIL, f"after save at step 2 and close(), the newest complete checkpoint is {saved}",
                 time.perf_counter() - start)
         return
-    second = build_trainer(run.config(cfg_overrides))
+    second = Trainer(run.config(cfg_overrides))
     try:
         resumed_at = second.step
         again = [second.train_step()["loss"] for _ in range(2)]
@@ -401,7 +401,7 @@ def check_performance(run: Run) -> None:
 
     from megatron_midtrain.model.builder import padded_vocab_size
     from megatron_midtrain.training import checkpoint as ckpt
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     a = run.args
     preset = BIG_MODELS[a.big_model] if run.smoke else a.big_model
@@ -437,7 +437,7 @@ def check_performance(run: Run) -> None:
             if mode == "remit_offline":  # score the reference over exactly these samples first
                 _score_offline(run.config(overrides + [f"reference.checkpoint={reference}"]))
             cfg = run.config(overrides)
-            trainer = build_trainer(cfg)
+            trainer = Trainer(cfg)
             run.note_backend()
             try:
                 if mode == "ntp":

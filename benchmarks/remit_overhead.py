@@ -45,6 +45,7 @@ def _serve(overrides: list[str], total_steps: int) -> None:
 
     silence_known_warnings()
     from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.callbacks.validation import validation_forward
     from megatron_midtrain.training.trainer import Trainer
 
     cfg = load_config(overrides + [f"train.max_steps={total_steps}", "train.eval_interval=0", "run.plot=false"])
@@ -61,8 +62,7 @@ def _serve(overrides: list[str], total_steps: int) -> None:
                 # A forward-only pass of this model over one global batch: what a same-size
                 # reference costs per step, i.e. the floor of the co-located overhead.
                 start = time.perf_counter()
-                with torch.no_grad():
-                    trainer._run_batches(trainer.train_batches, trainer.step, forward_only=True, method=trainer.eval_method)
+                validation_forward(trainer, trainer.train_batches, trainer.step)
                 print(json.dumps({"step_time_s": time.perf_counter() - start}), file=out, flush=True)
             else:
                 break

@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.training.demo_models import with_demo_models
     from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = args.overrides or ["experiment=rmt_demo"]
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
                                        "train.save_interval=0", "train.eval_interval=0", "run.plot=false"])
         if not args.smoke:
             cfg = with_demo_models(cfg)  # builds/reuses the demo base model and entropy index when on the demo data
-        trainer = build_trainer(cfg)
+        trainer = Trainer(cfg)
         # --- 1. generation on the policy (or --checkpoint) ---
         if args.checkpoint:
             from megatron_midtrain.eval.scorer import load_stage

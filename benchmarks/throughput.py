@@ -6,7 +6,7 @@
     python benchmarks/throughput.py --steps 1 --warmup 0        # smallest setting (CI smoke test)
 
 The method is NTP unless the overrides choose one (``method=remit`` etc.). The trainer is
-built as ``midtrain`` builds it: :func:`build_trainer` (the RL methods get their rollout
+built as ``midtrain`` builds it: :func:`Trainer` (the RL methods get their rollout
 loop) after :func:`with_demo_models` (on the demo data a reference-based method gets the
 cached demo reference, built on first use, and RMT its entropy index). Then it runs
 ``--warmup`` optimizer steps untimed, then times
@@ -136,7 +136,7 @@ def main() -> None:
     from megatron_midtrain.errors import UserError
     from megatron_midtrain.model.builder import padded_vocab_size
     from megatron_midtrain.training.demo_models import with_demo_models
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     total_steps = args.warmup + args.steps
     # The config's default method is ReMiT, which needs a reference: plain training throughput
@@ -150,7 +150,7 @@ def main() -> None:
         overrides.append(f"run.dir={tmp}")
     try:
         cfg = load_config(overrides)
-        trainer = build_trainer(with_demo_models(cfg))
+        trainer = Trainer(with_demo_models(cfg))
     except UserError as err:
         sys.exit(f"error: {err}")
     try:

@@ -7,29 +7,30 @@ method extras are built by the same functions the data path uses, on the CPU. ``
 follows CUDA's mixing rule (a CPU tensor meets it only as a 0-d scalar), so any CPU tensor
 that reaches a loss unmoved raises "Tensor on device cpu is not on the expected device
 meta" here, as it would on a GPU. Each closure is called the way megatron's schedule calls
-it (``_forward_step`` then the returned loss function), and the loss is back-propagated.
+it (:func:`megatron_midtrain.training.forward._forward_step` then the returned loss
+function), and the loss is back-propagated.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from megatron.core import parallel_state
+
 from megatron_midtrain.config import schema
 from megatron_midtrain.losses import build_method
 from megatron_midtrain.losses.ntp import NTPMethod
-from megatron_midtrain.reference.colocated import ColocatedReference
+from megatron_midtrain.losses.vocab_parallel import label_logprobs
 from megatron_midtrain.rl.grpo import grpo_advantages
-from megatron_midtrain.rl.method import GRPOLoss, LogprobCollector
+from megatron_midtrain.rl.losses import GRPOLoss
+from megatron_midtrain.rl.rollout_batches import attach_ntp_inputs, attach_rollout_inputs, rollout_micro_batches
 from megatron_midtrain.rl.tasks import Prompt, rl_masks_from_positions
-from megatron_midtrain.rl.trainer import attach_ntp_inputs, attach_rollout_inputs, rollout_micro_batches
-from megatron_midtrain.training import trainer as trainer_mod
 from megatron_midtrain.training.data import collate
-from megatron_midtrain.training.trainer import Trainer, _ScoreOnly
+from megatron_midtrain.training.forward import _forward_step, _score_only, method_loss_fn
 
 META = torch.device("meta")
 MBS, SEQ, VOCAB, HIDDEN, EOD = 2, 16, 32, 8, 0
@@ -38,10 +39,7 @@ MBS, SEQ, VOCAB, HIDDEN, EOD = 2, 16, 32, 8, 0
 @pytest.fixture(autouse=True)
 def _no_model_parallel(monkeypatch):
     """The closures ask megatron for the TP group; a single-rank run has none."""
-    monkeypatch.setattr(trainer_mod.parallel_state, "get_tensor_model_parallel_group", lambda *a, **k: None)
-    import megatron_midtrain.reference.colocated as colocated
-
-    monkeypatch.setattr(colocated.parallel_state, "get_tensor_model_parallel_group", lambda *a, **k: None)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_group", lambda *a, **k: None)
 
 
 class MetaModel:
@@ -58,13 +56,6 @@ class MetaModel:
         out = torch.empty(*tokens.shape, self.width, device=META, requires_grad=True)
         self.outputs.append(out)
         return out
-
-
-def fake_trainer() -> SimpleNamespace:
-    """The attributes of a Trainer that ``_forward_step``/``_loss_func`` read, on the meta device."""
-    ns = SimpleNamespace(device=META, _inject_nonfinite=False)
-    ns._loss_func = partial(Trainer._loss_func, ns)
-    return ns
 
 
 def corpus_micro_batch(rng: np.random.Generator, reset_attention_mask: bool = False) -> dict:
@@ -90,7 +81,7 @@ def corpus_micro_batch(rng: np.random.Generator, reset_attention_mask: bool = Fa
 def run_closure(method, batch: dict, width: int = VOCAB):
     """``_forward_step`` + the loss function it returns, as megatron's schedule runs them."""
     model = MetaModel(width)
-    output, loss_fn = Trainer._forward_step(fake_trainer(), method, iter([batch]), model)
+    output, loss_fn = _forward_step(META, method_loss_fn(method, None), iter([batch]), model)
     loss_sum, num_tokens, report = loss_fn(output)
     for name, t in [("loss_sum", loss_sum), ("num_tokens", num_tokens)] + [(k, v) for k, v in report.items() if torch.is_tensor(v)]:
         assert t.device == META, f"{name} is on {t.device}"
@@ -100,15 +91,16 @@ def run_closure(method, batch: dict, width: int = VOCAB):
     return report
 
 
+def run_forward_only(score_fn, batch: dict, width: int = VOCAB):
+    """One micro-batch of :func:`~megatron_midtrain.training.forward.forward_only`'s closure."""
+    model = MetaModel(width)
+    output, collect = _forward_step(META, partial(_score_only, score_fn), iter([batch]), model)
+    return collect(output, non_loss_data=True)
+
+
 def meta_reference_logprobs() -> torch.Tensor:
     """What the co-located reference's last stage returns per micro-batch (its forward ran on the device)."""
-    model = MetaModel()
-    ref = ColocatedReference.__new__(ColocatedReference)
-    batch = corpus_micro_batch(np.random.default_rng(1))
-    output, collect = ref._forward_step(META, iter([batch]), model)
-    _, num_tokens, report = collect(output)
-    assert num_tokens.device == META, f"the reference's token count is on {num_tokens.device}"
-    return report["ref_logprobs"]
+    return run_forward_only(label_logprobs, corpus_micro_batch(np.random.default_rng(1)))
 
 
 def test_reference_pass_keeps_everything_on_the_device():
@@ -140,7 +132,7 @@ def test_rho1_global_selection_and_loss_stay_on_the_device():
     scores = []
     for b in batches:  # the forward-only pre-pass
         b["ref_logprobs"] = meta_reference_logprobs()
-        scores.append(run_closure(_ScoreOnly(method), b)["score"])
+        scores.append(run_forward_only(lambda batch, logits: method.score(logits, batch["labels"], batch["loss_mask"], batch, None), b))
     assert all(s.device == META for s in scores)
     # The global top-k needs values (meta has none): select on real scores; the keep masks
     # then travel with the micro-batch like any other data-path tensor.
@@ -162,12 +154,12 @@ def test_kd_loss_reads_only_device_tensors():
 
 def rollout_batches(group_size: int = 2) -> list[dict]:
     """Rollout micro-batches built by the RL trainer's own functions (CPU), with old log-probs
-    from the forward-only collector (on the device), as in ``RLTrainer.train_step``."""
+    from the forward-only pass (on the device), as in ``RolloutStep.forward_backward``."""
     prompts = [Prompt(ids=[1, 2, 3]), Prompt(ids=[4, 5])]
     responses = [[6, 7], [8], [9, 10, 11], [12, 13]]
     advantages = grpo_advantages(torch.tensor([1.0, 0.0, 0.5, 0.25], dtype=torch.float64), group_size)
     batches = rollout_micro_batches(prompts, responses, advantages, group_size, MBS, pad_id=EOD)
-    old = [run_closure(LogprobCollector(), b)["logprobs"] for b in batches]
+    old = [run_forward_only(label_logprobs, b) for b in batches]
     attach_rollout_inputs(batches, old, [None] * len(batches), agg_normalizer=7.0, drgrpo_constant=4.0)
     return batches
 

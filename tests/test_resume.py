@@ -112,11 +112,11 @@ def _async_save_probe(overrides: list[str]) -> dict:
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.testing.runs import with_test_defaults
     from megatron_midtrain.training import checkpoint as ckpt
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     extra = ["train.async_save=true", "train.max_steps=3", "train.save_interval=1"]
     cfg = load_config(with_test_defaults(overrides + extra))
-    trainer = build_trainer(cfg)
+    trainer = Trainer(cfg)
     root = ckpt.checkpoint_root(cfg.run.dir)
     partial = os.path.join(root, "iter_0000003.partial")
 

@@ -25,7 +25,7 @@ def fake_entropy_index(prefix: str, out: str) -> str:
     return out
 
 
-def _fake_rollouts(step, prompt_rows):
+def _fake_rollouts(step, prompt_rows, params=None, seed=None):
     """Deterministic responses of varied length; some end with EOD (id 2)."""
     from megatron_midtrain.rl.generation import GenerationResult
 
@@ -56,11 +56,11 @@ def _train_fixed(overrides, keep_distributed=False):
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.testing.runs import with_test_defaults
     from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     cfg = load_config(with_test_defaults(overrides))
-    trainer = build_trainer(cfg)
-    trainer.fixed_responses = _fake_rollouts
+    trainer = Trainer(cfg)
+    trainer.method_step.rollouts = _fake_rollouts
     try:
         trainer.train()
         rank0 = dist.get_rank() == 0
@@ -76,27 +76,26 @@ def _train_fixed_then_update_direction(overrides, direction_overrides):
     import torch
     import torch.distributed as dist
 
-    import megatron_midtrain.rl.trainer as rl_trainer
+    import megatron_midtrain.rl.step as rl_step
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.testing.runs import with_test_defaults
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     records = _train_fixed(overrides, keep_distributed=True)
     captured = {}
-    build_batches = rl_trainer.rollout_micro_batches
+    build_batches = rl_step.rollout_micro_batches
 
     def spy(prompts, responses, *args, **kwargs):
         captured.update(batches=build_batches(prompts, responses, *args, **kwargs), responses=responses)
         return captured["batches"]
 
-    rl_trainer.rollout_micro_batches = spy
-    trainer = build_trainer(load_config(with_test_defaults(direction_overrides)))
-    trainer.fixed_responses = _fake_rollouts
+    rl_step.rollout_micro_batches = spy
+    trainer = Trainer(load_config(with_test_defaults(direction_overrides)))
+    trainer.method_step.rollouts = _fake_rollouts
     try:
         trainer.train_step()
         batches = captured["batches"]
-        with torch.no_grad():
-            new = trainer._logprobs(trainer._schedule, batches)
+        new = trainer.method_step.rollout_logprobs(trainer.model, batches)
         delta, adv = [], []
         for b, lp in zip(batches, new):
             delta.append(((lp - b["old_logprobs"]) * b["loss_mask"]).sum(-1))
@@ -105,7 +104,7 @@ def _train_fixed_then_update_direction(overrides, direction_overrides):
         masked = [lab[m > 0].tolist() for lab, m in rows]
         rank0 = dist.get_rank() == 0
     finally:
-        rl_trainer.rollout_micro_batches = build_batches
+        rl_step.rollout_micro_batches = build_batches
         trainer.close()
     return {"records": records, "masked_labels": masked, "responses": captured["responses"],
             "delta": torch.cat(delta).tolist(), "advantages": torch.cat(adv).tolist()} if rank0 else None
@@ -175,11 +174,11 @@ def _real_rollouts_then_bad_input(overrides, bad_overrides, bad_dir):
     from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.errors import UserError
     from megatron_midtrain.testing.runs import train_and_report, with_test_defaults
-    from megatron_midtrain.training.trainer import build_trainer
+    from megatron_midtrain.training.trainer import Trainer
 
     message = None
     try:  # an entropy index of another dataset: refused before anything is written
-        build_trainer(load_config(with_test_defaults(bad_overrides)))
+        Trainer(load_config(with_test_defaults(bad_overrides)))
     except UserError as err:
         message = str(err)
     bad_written = os.path.exists(bad_dir)

@@ -11,14 +11,11 @@ from megatron_midtrain.losses.ntp import NTPMethod
 from megatron_midtrain.training.forward import forward_only, reduce_reports
 
 
-def validation_loss(trainer) -> float:
-    """Mean token NLL over ``train.eval_batches`` validation batches (NaN without a validation split).
+def validation_forward(trainer, batches, index: int) -> float:
+    """Mean token NLL of global batch ``index`` of ``batches`` (a forward-only pass; collective).
 
-    Always plain NTP, whatever the method, so that runs of different methods compare. Collective.
+    Always plain NTP, whatever the method, so that runs of different methods compare.
     """
-    batches = trainer.valid_batches
-    if batches is None:
-        return float("nan")
     cfg, method = trainer.cfg, NTPMethod()
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
@@ -26,13 +23,18 @@ def validation_loss(trainer) -> float:
         loss_sum, num_tokens, _ = method.loss(logits, batch["labels"], batch["loss_mask"], batch, tp_group)
         return {"loss": torch.stack([loss_sum.double(), num_tokens.double()])}
 
+    outs = forward_only(trainer.model, batches.iterator(index), batches.num_microbatches, score,
+                        seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size, device=trainer.device)
+    return reduce_reports(outs, trainer.layout.dp, trainer.layout.pp)["loss"]
+
+
+def validation_loss(trainer) -> float:
+    """Mean of :func:`validation_forward` over ``train.eval_batches`` validation batches (NaN without a
+    validation split), with the model in eval mode. Collective."""
+    if trainer.valid_batches is None:
+        return float("nan")
     trainer.model.eval()
-    totals = []
-    for i in range(cfg.train.eval_batches):
-        outs = forward_only(trainer.model, batches.iterator(i), batches.num_microbatches, score,
-                            seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                            device=trainer.device)
-        totals.append(reduce_reports(outs, trainer.layout.dp, trainer.layout.pp)["loss"])
+    totals = [validation_forward(trainer, trainer.valid_batches, i) for i in range(trainer.cfg.train.eval_batches)]
     trainer.model.train()
     return float(np.mean(totals))
 

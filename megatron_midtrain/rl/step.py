@@ -32,7 +32,7 @@ from megatron_midtrain.rl.losses import GRPOLoss
 from megatron_midtrain.rl.rewards import STATUS_CORRECT, STATUS_EMPTY, STATUS_MISSING
 from megatron_midtrain.rl.rollout_batches import attach_ntp_inputs, attach_rollout_inputs, rollout_micro_batches
 from megatron_midtrain.rl.tasks import NextTokenTask, Prompt, VerifiableTask, response_text, score_verifiable
-from megatron_midtrain.training.forward import finalize_gradients, forward_only, reduce_reports, run_schedule
+from megatron_midtrain.training.forward import finalize_gradients, forward_only, method_loss_fn, reduce_reports, run_schedule
 from megatron_midtrain.training.step import StepResult
 
 
@@ -102,11 +102,7 @@ class RolloutStep:
                             micro_batch_size=self.rl.rollout_micro_batch_size, device=self.device)
 
     def _schedule(self, batches: list[dict], loss, seq_length: int, micro_batch_size: int) -> dict:
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-
-        def loss_fn(batch, logits):
-            return loss.loss(logits, batch["labels"], batch["loss_mask"], batch, tp_group)
-
+        loss_fn = method_loss_fn(loss, parallel_state.get_tensor_model_parallel_group())
         reports = run_schedule(self.model, batches, len(batches), loss_fn, seq_length=seq_length,
                                micro_batch_size=micro_batch_size, device=self.device)
         return loss.finalize_report(reduce_reports(reports, self.layout.dp, self.layout.pp))

@@ -159,9 +159,9 @@ def emulated_te_spec(trainer: bool = True):
     # The block's final norm: megatron chose its class at import time (TENorm only with TE).
     patches.append((block, "LayerNormImpl", TENorm))
     if trainer:
-        import megatron_midtrain.training.trainer as trainer_mod
+        import megatron_midtrain.training.components as components
 
-        patches.append((trainer_mod, "have_transformer_engine", lambda: True))
+        patches.append((components, "have_transformer_engine", lambda: True))
     missing = object()
     saved = [(mod, name, getattr(mod, name, missing)) for mod, name, _ in patches]
     try:

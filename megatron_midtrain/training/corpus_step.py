@@ -14,14 +14,9 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_midtrain.errors import UserError
-from megatron_midtrain.training.forward import finalize_gradients, forward_only, reduce_reports, run_schedule
+from megatron_midtrain.training.forward import finalize_gradients, forward_only, method_loss_fn, reduce_reports, run_schedule
 from megatron_midtrain.training.inputs import INPUTS
 from megatron_midtrain.training.step import StepResult
-
-
-def loss_report(loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """The ``loss`` entry of a report: ``[sum, tokens]`` in fp64."""
-    return torch.stack([loss_sum.detach().double(), num_tokens.double()])
 
 
 class CorpusStep:
@@ -54,13 +49,13 @@ class CorpusStep:
         for provide in self.inputs:
             provide(self, batches, index, extras)
         total_tokens = torch.zeros([], dtype=torch.int, device=self.device)
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+        method_loss = method_loss_fn(self.method, parallel_state.get_tensor_model_parallel_group())
 
         def loss_fn(batch, logits):
             nonlocal total_tokens
-            loss_sum, num_tokens, report = self.method.loss(logits, batch["labels"], batch["loss_mask"], batch, tp_group)
-            total_tokens += num_tokens
-            return loss_sum, num_tokens, dict(report, loss=loss_report(loss_sum, num_tokens))
+            out = method_loss(batch, logits)
+            total_tokens += out[1]  # the global token count the gradients are divided by
+            return out
 
         micro_batches = (dict(batch, **extra) for batch, extra in zip(batches.iterator(index), extras))
         reports = run_schedule(self.model, micro_batches, batches.num_microbatches, loss_fn, seq_length=self.seq_length,

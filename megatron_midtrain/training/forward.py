@@ -59,6 +59,17 @@ def run_schedule(model, micro_batches: Iterable[dict], num_microbatches: int, lo
     )
 
 
+def method_loss_fn(method, tp_group) -> LossFn:
+    """``loss_fn`` for :func:`run_schedule` from a method (or loss adapter): ``method.loss`` on the
+    micro-batch (whose dict is the loss's ``extras``), with the ``loss`` report entry ``[sum, tokens]``."""
+
+    def loss_fn(batch, logits):
+        loss_sum, num_tokens, report = method.loss(logits, batch["labels"], batch["loss_mask"], batch, tp_group)
+        return loss_sum, num_tokens, dict(report, loss=torch.stack([loss_sum.detach().double(), num_tokens.double()]))
+
+    return loss_fn
+
+
 def _score_only(score_fn: ScoreFn, batch, output, non_loss_data=True):  # noqa: ARG001
     return score_fn(batch, output)
 
