@@ -117,16 +117,42 @@ def test_checkpoint_from_other_architecture_is_refused(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["iter_0000002", "latest"]
 
 
+def _train_with_nonfinite_steps(overrides, steps):
+    """Train with :class:`InjectNonFinite` at ``steps``; the UserError's text and rank 0's records."""
+    import torch.distributed as dist
+
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.testing.callbacks import InjectNonFinite
+    from megatron_midtrain.training.metrics import read_metrics
+    from megatron_midtrain.training.trainer import Trainer
+
+    cfg = load_config(with_test_defaults(overrides))
+    trainer = Trainer(cfg, callbacks=[InjectNonFinite(steps)])
+    error = None
+    try:
+        trainer.train()
+    except UserError as err:
+        error = str(err)
+    finally:
+        rank0 = dist.get_rank() == 0
+        trainer.close()
+    return {"error": error, "records": read_metrics(cfg.run.dir) if rank0 else None}
+
+
 def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
+    from megatron_midtrain.testing.distributed import run_distributed
+
     run = tmp_path / "run"
-    proc = midtrain("train.max_steps=8", "train.inject_nonfinite_at=[2,4,5,6]", "train.max_consecutive_nonfinite=3", f"run.dir={run}")
-    assert_one_line_error(proc, "3 consecutive steps", "non-finite")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    out = run_distributed(_train_with_nonfinite_steps, 2, ["train.max_steps=8", "train.max_consecutive_nonfinite=3",
+                                                           "train.save_interval=1", f"run.dir={run}"], [2, 4, 5, 6])
+    assert all("3 consecutive steps had a non-finite loss (last at step 6)" in o["error"] for o in out), out
+    records = out[0]["records"]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [bool(r.get("skipped")) for r in records] == [False, True, False, True, True, True]
-    assert "step 2: non-finite loss" in proc.stdout
-    # A skipped step leaves the weights alone: step 3 trains on from step 1's update.
+    # A skipped step leaves the weights alone and no checkpoint holds a diverged state.
     assert all(r["loss"] == r["loss"] for r in records if not r.get("skipped"))
+    assert not any(r["loss"] == r["loss"] for r in records if r.get("skipped"))
+    assert sorted(os.listdir(run / "checkpoints"))[-2:] == ["iter_0000005", "latest"]
 
 
 def test_reset_position_ids_is_refused(tmp_path):

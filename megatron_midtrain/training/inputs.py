@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 
-from megatron_midtrain.training.forward import forward_only
 
 
 def reference_logprobs(step, batches, step_index: int, extras: list[dict]) -> None:
