@@ -178,7 +178,7 @@ def init_parallel(tp: int, pp: int) -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "MASTER_ADDR" not in os.environ:
-            from megatron_midtrain.testing.distributed import free_port
+            from megatron_midtrain.utils.net import free_port
 
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))

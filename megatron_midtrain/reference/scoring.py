@@ -63,7 +63,7 @@ def ensure_single_process_parallel_state(seed: int = 0) -> None:
 
     cpu_compat.activate()
     if not dist.is_initialized():
-        from megatron_midtrain.testing.distributed import free_port
+        from megatron_midtrain.utils.net import free_port
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

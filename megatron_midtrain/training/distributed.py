@@ -88,7 +88,7 @@ def init_distributed(cfg) -> Layout:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_midtrain.train`
-            from megatron_midtrain.testing.distributed import free_port
+            from megatron_midtrain.utils.net import free_port
 
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
