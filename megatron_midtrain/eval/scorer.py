@@ -161,34 +161,18 @@ class Scorer:
 
 def init_parallel(tp: int, pp: int) -> None:
     """torch.distributed (torchrun env, or one local process) and megatron's TP/PP groups."""
-    import datetime
     import os
 
-    from megatron.core import parallel_state
-
-    from megatron_midtrain.utils import cpu_compat
+    from megatron_midtrain.training.distributed import init_process_groups, model_parallel_layout
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise UserError(f"--tp {tp} x --pp {pp} does not divide the world size {world}",
                         f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node) or change --tp/--pp")
-    cpu_compat.activate()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if "MASTER_ADDR" not in os.environ:
-            from megatron_midtrain.utils.net import free_port
-
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    if not torch.cuda.is_available():  # ranks share the cores: one share of the threads each
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+    have = model_parallel_layout()
+    if have is not None and have[:2] != (tp, pp):
         raise UserError("this process already has another TP/PP layout", "run the tool in its own process")
+    init_process_groups(tp, pp)
 
 
 def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 1234):

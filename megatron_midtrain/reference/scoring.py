@@ -28,7 +28,6 @@ the right; attention is causal, so padded positions never influence real ones.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -50,41 +49,23 @@ DEFAULT_BATCH_TOKENS = 8192
 
 
 def ensure_single_process_parallel_state(seed: int = 0) -> None:
-    """Initialise a 1-rank process group and megatron's TP1/PP1 groups unless already done.
+    """Initialise a process group (a 1-rank one outside torchrun) and megatron's TP1/PP1 groups
+    unless already done (:func:`megatron_midtrain.training.distributed.init_process_groups`).
 
     If a process group already exists it is reused; megatron's model-parallel state must then
     be TP1/PP1 (scoring builds whole, unsharded models).
     """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    from megatron_midtrain.utils import cpu_compat
+    from megatron_midtrain.training.distributed import init_process_groups, model_parallel_layout
 
-    cpu_compat.activate()
-    if not dist.is_initialized():
-        from megatron_midtrain.utils.net import free_port
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # An explicit tcp init_method: no RANK/WORLD_SIZE/MASTER_* environment is needed or changed.
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://127.0.0.1:{free_port()}",
-            rank=0,
-            world_size=1,
-            timeout=datetime.timedelta(minutes=30),
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if tp != 1 or pp != 1:
+    have = model_parallel_layout()
+    if have is not None and have[:2] != (1, 1):
         raise UserError(
-            f"scoring needs TP1/PP1 model-parallel state, but this process is already set up with TP{tp}/PP{pp}",
+            f"scoring needs TP1/PP1 model-parallel state, but this process is already set up with TP{have[0]}/PP{have[1]}",
             "run the scoring tools as a single process (plain python, not torchrun)",
         )
+    init_process_groups(1, 1, share_threads=False)
     # GPTModel construction draws from megatron's model-parallel RNG tracker; seed it once.
     tracker = tensor_parallel.get_cuda_rng_tracker()
     if not tracker.get_states():
