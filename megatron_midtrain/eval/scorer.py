@@ -183,7 +183,8 @@ def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 12
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_midtrain.config.schema import ParallelConfig
-    from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
+    from megatron_midtrain.model.builder import build_transformer_config, have_transformer_engine
+    from megatron_midtrain.model.loading import load_frozen_stage
     from megatron_midtrain.reference.scoring import _model_config_from_meta
     from megatron_midtrain.training import checkpoint as ckpt
 
@@ -198,10 +199,5 @@ def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 12
     if not tracker.get_states():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = build_transformer_config(model_cfg, parallel, dtype)
-    model = build_gpt_stage(model_cfg, config, model_cfg.max_position_embeddings, have_transformer_engine())
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    ckpt.load_model_weights(path, model, model_cfg)
-    model.requires_grad_(False)
-    model.eval()
+    model, _ = load_frozen_stage(path, model_cfg, config, model_cfg.max_position_embeddings, have_transformer_engine())
     return model, model_cfg, dict(meta, path=path)

@@ -187,7 +187,8 @@ class ScoringModel:
         import torch
 
         from megatron_midtrain.config.schema import ParallelConfig
-        from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
+        from megatron_midtrain.model.builder import build_transformer_config, have_transformer_engine
+        from megatron_midtrain.model.loading import load_frozen_stage
         from megatron_midtrain.training import checkpoint as ckpt
 
         dtype = dtype or torch.float32
@@ -207,12 +208,7 @@ class ScoringModel:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         config = build_transformer_config(self.model_config, ParallelConfig(), dtype)
         seq_length = int(self.meta.get("seq_length") or self.window)
-        self.model = build_gpt_stage(self.model_config, config, seq_length, have_transformer_engine())
-        if self.device.type == "cuda":
-            self.model.cuda(self.device)
-        ckpt.load_model_weights(self.path, self.model, self.model_config, what="checkpoint")
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.model, _ = load_frozen_stage(self.path, self.model_config, config, seq_length, have_transformer_engine())
         self._tokenizer = None
 
     def __repr__(self) -> str:
