@@ -19,7 +19,6 @@ ranks; the lm-eval model runs every request on every rank).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -81,48 +80,21 @@ class Scorer:
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
 
     # ------------------------------------------------------------------ one padded batch
-    def _forward_step(self, batch, data_iterator, model):
+    def _score(self, batch, logits):
         from megatron.core import parallel_state
 
-        next(data_iterator)
-        tokens = batch.to(self.device)
-        positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, positions, None)
-        targets = torch.roll(tokens, shifts=-1, dims=1)
-        group = parallel_state.get_tensor_model_parallel_group()
-        return output, partial(self._collect, targets, group)
+        return _stage_outputs(logits, batch["targets"], self.vocab_size, parallel_state.get_tensor_model_parallel_group())
 
-    def _collect(self, targets, group, logits, non_loss_data=False):
-        logp, greedy, argmax = _stage_outputs(logits, targets, self.vocab_size, group)
-        zero = logits.sum() * 0.0
-        return zero, torch.zeros((), dtype=torch.int, device=logits.device), {"out": (logp, greedy, argmax)}
-
-    @torch.no_grad()
     def _run(self, tokens: torch.Tensor):
         """[b, s] int64 (identical on every rank) -> (logp, greedy, argmax) on every rank."""
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron_midtrain.training.forward import forward_only
 
         b, s = tokens.shape
-        out = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, tokens),
-            data_iterator=iter([None]),
-            model=[self.model],
-            num_microbatches=1,
-            seq_length=s,
-            micro_batch_size=b,
-            decoder_seq_length=s,
-            forward_only=True,
-        )
-        packed = torch.empty(3, b, s, dtype=torch.float64, device=self.device)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            logp, greedy, argmax = out[0]["out"]
-            packed[0], packed[1], packed[2] = logp.double(), greedy.double(), argmax.double()
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(packed, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
-        packed = packed.cpu()
-        return packed[0].float(), packed[1].bool(), packed[2].long()
+        batch = {"tokens": tokens, "position_ids": torch.arange(s).unsqueeze(0).expand_as(tokens),
+                 "targets": torch.roll(tokens, shifts=-1, dims=1)}
+        [(logp, greedy, argmax)] = forward_only(self.model, [batch], 1, self._score, seq_length=s, micro_batch_size=b,
+                                                device=self.device, broadcast=True)
+        return logp.float().cpu(), greedy.bool().cpu(), argmax.long().cpu()
 
     # ------------------------------------------------------------------ many sequences
     def score(self, sequences: list[list[int]]) -> list[Scores]:

@@ -170,6 +170,13 @@ def _model_config_from_meta(meta: dict, path: str):
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
+def _target_logprobs(batch, logits):
+    """log p(target) at every position of a whole-vocabulary (TP1) logits batch, float32."""
+    from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+
+    return vocab_parallel_logprobs(logits, batch["targets"], None).float()
+
+
 @dataclass
 class _Window:
     seq: int  # index of the sequence in the request
@@ -247,13 +254,6 @@ class ScoringModel:
             )
 
     # -------------------------------------------------------------- scoring
-    def _forward(self, tokens):
-        """[b, s] token ids -> [b, s, V] logits."""
-        import torch
-
-        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        return self.model(tokens, positions, None)
-
     def token_logprobs_batch(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """:meth:`token_logprobs` for many sequences at once (windows batched together)."""
         import torch
@@ -264,7 +264,7 @@ class ScoringModel:
     def _token_logprobs_batch(self, sequences):
         import torch
 
-        from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+        from megatron_midtrain.training.forward import forward_only
 
         seqs = [list(map(int, s)) for s in sequences]
         for s in seqs:
@@ -288,11 +288,12 @@ class ScoringModel:
             tokens = torch.zeros(len(batch), longest, dtype=torch.long)
             for row, w in enumerate(batch):
                 tokens[row, : w.end - w.start] = torch.tensor(seqs[w.seq][w.start:w.end])
-            tokens = tokens.to(self.device)
-            logits = self._forward(tokens)
             # Target of position p is token p + 1 (the last position has no target in the window).
-            targets = torch.roll(tokens, shifts=-1, dims=1)
-            logp = vocab_parallel_logprobs(logits, targets, None).float().cpu()
+            micro_batch = {"tokens": tokens, "position_ids": torch.arange(longest).unsqueeze(0).expand_as(tokens),
+                           "targets": torch.roll(tokens, shifts=-1, dims=1)}
+            [logp] = forward_only(self.model, [micro_batch], 1, _target_logprobs, seq_length=longest,
+                                  micro_batch_size=len(batch), device=self.device)
+            logp = logp.cpu()
             for row, w in enumerate(batch):
                 # token t (absolute) is scored from window position t - start - 1
                 lo, hi = w.first_scored - w.start - 1, w.end - w.start - 1
