@@ -69,6 +69,13 @@ def _best(gathered: list[torch.Tensor]) -> torch.Tensor:
     return best
 
 
+def next_token_batch(tokens: torch.Tensor) -> dict:
+    """A forward-only micro-batch of ``[b, s]`` token ids: positions ``0..s-1`` and, as the target
+    of position ``p``, token ``p + 1`` (the last position's target wraps around: ignore it)."""
+    return {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens),
+            "targets": torch.roll(tokens, shifts=-1, dims=1)}
+
+
 class Scorer:
     """Scores sequences with ``model`` (a GPTModel stage, or a DDP wrapper of one)."""
 
@@ -90,9 +97,7 @@ class Scorer:
         from megatron_midtrain.training.forward import forward_only
 
         b, s = tokens.shape
-        batch = {"tokens": tokens, "position_ids": torch.arange(s).unsqueeze(0).expand_as(tokens),
-                 "targets": torch.roll(tokens, shifts=-1, dims=1)}
-        [(logp, greedy, argmax)] = forward_only(self.model, [batch], 1, self._score, seq_length=s, micro_batch_size=b,
+        [(logp, greedy, argmax)] = forward_only(self.model, [next_token_batch(tokens)], 1, self._score, seq_length=s, micro_batch_size=b,
                                                 device=self.device, broadcast=True)
         return logp.float().cpu(), greedy.bool().cpu(), argmax.long().cpu()
 
@@ -157,7 +162,7 @@ def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 12
     from megatron_midtrain.config.schema import ParallelConfig
     from megatron_midtrain.model.builder import build_transformer_config, have_transformer_engine
     from megatron_midtrain.model.loading import load_frozen_stage
-    from megatron_midtrain.reference.scoring import _model_config_from_meta
+    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta
     from megatron_midtrain.training import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint_dir(checkpoint)

@@ -1,4 +1,4 @@
-"""Single-process scoring with a saved checkpoint: per-token log-probabilities.
+"""Per-token log-probabilities of a saved checkpoint, in a single process (TP1/PP1).
 
 Used by offline tools (``tools/token_delta_report.py``, ``tools/select_miniplm.py``) that
 compare two models token by token. A checkpoint is rebuilt from its own ``meta.json``
@@ -53,7 +53,7 @@ def ensure_single_process_parallel_state(seed: int = 0) -> None:
     unless already done (:func:`megatron_midtrain.training.distributed.init_process_groups`).
 
     If a process group already exists it is reused; megatron's model-parallel state must then
-    be TP1/PP1 (scoring builds whole, unsharded models).
+    be TP1/PP1 (the log-probs and the converter build whole, unsharded models).
     """
     from megatron.core import tensor_parallel
 
@@ -62,8 +62,9 @@ def ensure_single_process_parallel_state(seed: int = 0) -> None:
     have = model_parallel_layout()
     if have is not None and have[:2] != (1, 1):
         raise UserError(
-            f"scoring needs TP1/PP1 model-parallel state, but this process is already set up with TP{have[0]}/PP{have[1]}",
-            "run the scoring tools as a single process (plain python, not torchrun)",
+            f"whole-model (TP1/PP1) log-probs need TP1/PP1 model-parallel state, but this process is already set up "
+            f"with TP{have[0]}/PP{have[1]}",
+            "run the log-prob tools as a single process (plain python, not torchrun)",
         )
     init_process_groups(1, 1, share_threads=False)
     # GPTModel construction draws from megatron's model-parallel RNG tracker; seed it once.
@@ -185,12 +186,12 @@ class _Window:
     first_scored: int
 
 
-class ScoringModel:
+class CheckpointLogprobs:
     """A frozen GPTModel (TP1/PP1, eval mode, no gradients) rebuilt from a checkpoint."""
 
     def __init__(self, checkpoint_path: str, dtype=None, stride: int | None = None,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS):
-        """``dtype``: parameter dtype (default float32; scoring wants exact log-probs)."""
+        """``dtype``: parameter dtype (default float32; the tools want exact log-probs)."""
         import torch
 
         from megatron_midtrain.config.schema import ParallelConfig
@@ -219,7 +220,7 @@ class ScoringModel:
         self._tokenizer = None
 
     def __repr__(self) -> str:
-        return f"ScoringModel({self.path!r}, step={self.step}, window={self.window}, stride={self.stride})"
+        return f"CheckpointLogprobs({self.path!r}, step={self.step}, window={self.window}, stride={self.stride})"
 
     # -------------------------------------------------------------- tokenizer
     @property
@@ -264,6 +265,7 @@ class ScoringModel:
     def _token_logprobs_batch(self, sequences):
         import torch
 
+        from megatron_midtrain.eval.scorer import next_token_batch
         from megatron_midtrain.training.forward import forward_only
 
         seqs = [list(map(int, s)) for s in sequences]
@@ -289,9 +291,7 @@ class ScoringModel:
             for row, w in enumerate(batch):
                 tokens[row, : w.end - w.start] = torch.tensor(seqs[w.seq][w.start:w.end])
             # Target of position p is token p + 1 (the last position has no target in the window).
-            micro_batch = {"tokens": tokens, "position_ids": torch.arange(longest).unsqueeze(0).expand_as(tokens),
-                           "targets": torch.roll(tokens, shifts=-1, dims=1)}
-            [logp] = forward_only(self.model, [micro_batch], 1, _target_logprobs, seq_length=longest,
+            [logp] = forward_only(self.model, [next_token_batch(tokens)], 1, _target_logprobs, seq_length=longest,
                                   micro_batch_size=len(batch), device=self.device)
             logp = logp.cpu()
             for row, w in enumerate(batch):
@@ -312,15 +312,15 @@ class ScoringModel:
         return ids, self.token_logprobs(ids)
 
 
-def load_scoring_model(checkpoint_path: str, **kwargs) -> ScoringModel:
-    """Load a checkpoint (iter dir, checkpoints/ root or run dir) for single-process scoring."""
-    return ScoringModel(checkpoint_path, **kwargs)
+def load_checkpoint_logprobs(checkpoint_path: str, **kwargs) -> CheckpointLogprobs:
+    """Load a checkpoint (iter dir, checkpoints/ root or run dir) for single-process per-token log-probs."""
+    return CheckpointLogprobs(checkpoint_path, **kwargs)
 
 
 def check_same_tokenizer(models: Iterable, roles: Sequence[str] | None = None) -> None:
     """Refuse checkpoints trained with different tokenizers (fingerprints in meta.json).
 
-    ``models``: :class:`ScoringModel` or :class:`CheckpointInfo` objects (``.path``, ``.tokenizer_id``).
+    ``models``: :class:`CheckpointLogprobs` or :class:`CheckpointInfo` objects (``.path``, ``.tokenizer_id``).
     """
     models = list(models)
     roles = list(roles) if roles else [f"checkpoint {i + 1}" for i in range(len(models))]
