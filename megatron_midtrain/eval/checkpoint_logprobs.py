@@ -265,8 +265,7 @@ class CheckpointLogprobs:
     def _token_logprobs_batch(self, sequences):
         import torch
 
-        from megatron_midtrain.eval.scorer import next_token_batch
-        from megatron_midtrain.training.forward import forward_only
+        from megatron_midtrain.training.forward import forward_only, next_token_batch
 
         seqs = [list(map(int, s)) for s in sequences]
         for s in seqs:

@@ -69,13 +69,6 @@ def _best(gathered: list[torch.Tensor]) -> torch.Tensor:
     return best
 
 
-def next_token_batch(tokens: torch.Tensor) -> dict:
-    """A forward-only micro-batch of ``[b, s]`` token ids: positions ``0..s-1`` and, as the target
-    of position ``p``, token ``p + 1`` (the last position's target wraps around: ignore it)."""
-    return {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens),
-            "targets": torch.roll(tokens, shifts=-1, dims=1)}
-
-
 class Scorer:
     """Scores sequences with ``model`` (a GPTModel stage, or a DDP wrapper of one)."""
 
@@ -94,7 +87,7 @@ class Scorer:
 
     def _run(self, tokens: torch.Tensor):
         """[b, s] int64 (identical on every rank) -> (logp, greedy, argmax) on every rank."""
-        from megatron_midtrain.training.forward import forward_only
+        from megatron_midtrain.training.forward import forward_only, next_token_batch
 
         b, s = tokens.shape
         [(logp, greedy, argmax)] = forward_only(self.model, [next_token_batch(tokens)], 1, self._score, seq_length=s, micro_batch_size=b,
