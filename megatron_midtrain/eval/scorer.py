@@ -153,9 +153,9 @@ def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 12
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_midtrain.config.schema import ParallelConfig
+    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta
     from megatron_midtrain.model.builder import build_transformer_config, have_transformer_engine
     from megatron_midtrain.model.loading import load_frozen_stage
-    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta
     from megatron_midtrain.training import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint_dir(checkpoint)
