@@ -160,7 +160,7 @@ def _after_shutdown() -> None:
     """The process group was destroyed (the offline scorer does it): a single process outside
     torchrun gets a fresh rendezvous port for the next one."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
-        from megatron_midtrain.testing.distributed import free_port
+        from megatron_midtrain.utils.net import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
 

@@ -134,7 +134,7 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, tiny_hf, capsys):
 
 def test_import_tokenizer_export_and_logprobs_cli(tmp_path, tiny_hf, capsys):
     from megatron_midtrain.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from megatron_midtrain.reference.scoring import check_same_tokenizer, peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import check_same_tokenizer, peek_checkpoint
 
     ckpt = str(tmp_path / "ckpt")
     proc = run_tool("convert_checkpoint.py", "import-hf", "--hf-dir", tiny_hf, "--out", ckpt, "--tp", "2", "--pp", "2")

@@ -69,7 +69,7 @@ def _prepare(root: str) -> dict:
     import torch
 
     from megatron_midtrain.data.indexing import index_texts
-    from megatron_midtrain.reference.scoring import ensure_single_process_parallel_state
+    from megatron_midtrain.eval.checkpoint_logprobs import ensure_single_process_parallel_state
     from megatron_midtrain.testing.runs import save_initial_checkpoint
     from megatron_midtrain.training.checkpoint import read_meta
 

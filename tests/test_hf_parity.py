@@ -90,7 +90,7 @@ def max_abs_diff(a, b) -> float:
 
 def _checkpoint_tensors(path: str) -> dict:
     from megatron_midtrain.convert.mcore_io import CheckpointReader
-    from megatron_midtrain.reference.scoring import _model_config_from_meta, peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta, peek_checkpoint
 
     info = peek_checkpoint(path)
     reader = CheckpointReader(info.path, _model_config_from_meta(info.meta, info.path))

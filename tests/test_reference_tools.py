@@ -79,7 +79,7 @@ def _hand_built_model(ckpt_dir: str):
 def _prepare(dir_a: str, dir_b: str) -> dict:
     """Train both checkpoints, then compute every expected value the tests compare against."""
     from megatron_midtrain.data.tokenizer import load_tokenizer
-    from megatron_midtrain.reference.scoring import ensure_single_process_parallel_state, load_scoring_model, plan_windows
+    from megatron_midtrain.eval.checkpoint_logprobs import ensure_single_process_parallel_state, load_checkpoint_logprobs, plan_windows
     from megatron_midtrain.testing.runs import train_and_report
 
     train_and_report([f"run.dir={dir_a}", "train.max_steps=2"])
@@ -97,7 +97,7 @@ def _prepare(dir_a: str, dir_b: str) -> dict:
     }
     # Windowed scoring: the scoring model with a tiny window vs the same windows run by hand.
     ids = tok.tokenize(TEXTS[0] + " " + TEXTS[2])
-    scorer = load_scoring_model(dir_a)
+    scorer = load_checkpoint_logprobs(dir_a)
     out["window_ids"] = ids
     out["window_full"] = scorer.token_logprobs(ids)
     scorer.window, scorer.stride = WINDOW, STRIDE
@@ -186,7 +186,7 @@ def test_identical_models_give_zero_delta_and_unit_weights(world, texts_file, tm
 
 
 def test_window_plan_scores_every_token_once():
-    from megatron_midtrain.reference.scoring import plan_windows
+    from megatron_midtrain.eval.checkpoint_logprobs import plan_windows
 
     for n in range(30):
         for window in (2, 5, 8):

@@ -75,7 +75,7 @@ def _megatron_lm(args, checkpoint_dir):
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     from megatron_midtrain.eval import harness
-    from megatron_midtrain.reference.scoring import peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import peek_checkpoint
 
     info = peek_checkpoint(args.checkpoint)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

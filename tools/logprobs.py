@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     sequences = read_token_lines(args.input)
     from megatron_midtrain.convert.api import parse_dtype
-    from megatron_midtrain.reference.scoring import peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import peek_checkpoint
 
     # Bad paths and token ids fail before any process group exists.
     info = peek_checkpoint(args.checkpoint)

@@ -8,7 +8,7 @@ documents are handled: their sequences are concatenated):
     s(d) = mean over t = 1 .. n-1 of [ log p_teacher(x_t | x_<t) − log p_smallref(x_t | x_<t) ]
 
 i.e. over every token after the first (the EOD included). Documents longer than a model's
-context are scored in overlapping windows (see megatron_midtrain/reference/scoring.py). A
+context are scored in overlapping windows (see megatron_midtrain/eval/checkpoint_logprobs.py). A
 document with a single token has no score and ranks last.
 
 Selection: ``n_keep = floor(keep * n_docs + 0.5)`` (round half up), the ``n_keep`` documents
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1", "pass a positive number")
 
     from megatron_midtrain.data.indexing import validate_indexed_dataset
-    from megatron_midtrain.reference.scoring import check_same_tokenizer, peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import check_same_tokenizer, peek_checkpoint
 
     # Cheap checks first (no torch / megatron import): the dataset pair and both checkpoints' meta.json.
     info = validate_indexed_dataset(args.input)
@@ -106,10 +106,10 @@ def main(argv=None) -> dict:
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-    from megatron_midtrain.reference.scoring import load_scoring_model
+    from megatron_midtrain.eval.checkpoint_logprobs import load_checkpoint_logprobs
 
-    teacher = load_scoring_model(args.teacher, stride=args.stride, max_batch_tokens=args.batch_tokens)
-    small = load_scoring_model(args.small_ref, stride=args.stride, max_batch_tokens=args.batch_tokens)
+    teacher = load_checkpoint_logprobs(args.teacher, stride=args.stride, max_batch_tokens=args.batch_tokens)
+    small = load_checkpoint_logprobs(args.small_ref, stride=args.stride, max_batch_tokens=args.batch_tokens)
     check_same_tokenizer([teacher, small], ["--teacher", "--small-ref"])
     vocab = min(teacher.model_config.vocab_size, small.model_config.vocab_size)
     info = validate_indexed_dataset(args.input, vocab_size=vocab)

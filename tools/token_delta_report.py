@@ -211,7 +211,7 @@ def main(argv=None) -> dict:
     if args.scale is not None and args.scale <= 0:
         raise UserError(f"--scale must be > 0, got {args.scale}", "pass a positive |Δ|")
     texts = read_texts(args.input, args.json_key, args.max_docs)  # bad input fails before any model work
-    from megatron_midtrain.reference.scoring import check_same_tokenizer, peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import check_same_tokenizer, peek_checkpoint
 
     check_same_tokenizer([peek_checkpoint(args.base, "--base"), peek_checkpoint(args.ref, "--ref")], ["--base", "--ref"])
 
@@ -221,11 +221,11 @@ def main(argv=None) -> dict:
     import torch
 
     from megatron_midtrain.losses.remit import remit_token_weights
-    from megatron_midtrain.reference.scoring import load_scoring_model
+    from megatron_midtrain.eval.checkpoint_logprobs import load_checkpoint_logprobs
 
     t0 = time.perf_counter()
-    base = load_scoring_model(args.base, stride=args.stride)
-    ref = load_scoring_model(args.ref, stride=args.stride)
+    base = load_checkpoint_logprobs(args.base, stride=args.stride)
+    ref = load_checkpoint_logprobs(args.ref, stride=args.stride)
     check_same_tokenizer([base, ref], ["--base", "--ref"])
     tok = base.tokenizer
     print(f"loaded base {base.path} and reference {ref.path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)

@@ -15,6 +15,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from megatron_midtrain.config.rl_rules import (AGG_MODES, DEFAULT_DISTRIBUTIONS, PROMPT_ANSWER_FORMATS, canonical_agg, check_curriculum,
+                                              validate_template)
 from megatron_midtrain.errors import UserError
 
 
@@ -392,8 +394,6 @@ class RLMethodConfig(MethodConfig):
     left-padded and masked)."""
 
     def __post_init__(self):
-        from megatron_midtrain.rl.grpo import AGG_MODES, canonical_agg
-
         _positive("method", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
                   max_new_tokens=self.max_new_tokens, rollout_micro_batch_size=self.rollout_micro_batch_size,
                   generation_batch_rows=self.generation_batch_rows)
@@ -406,7 +406,7 @@ class RLMethodConfig(MethodConfig):
         if list(self.max_new_tokens_steps) != sorted(self.max_new_tokens_steps) or any(v <= 0 for v in self.max_new_tokens_values):
             raise UserError("method.max_new_tokens_steps must be increasing with positive max_new_tokens_values",
                             "e.g. method.max_new_tokens_steps=[100,200] method.max_new_tokens_values=[2048,4096]")
-        if self.answer_format not in ("answer_tag", "boxed", "answer_is", "plain"):
+        if self.answer_format not in PROMPT_ANSWER_FORMATS:
             raise UserError(f"method.answer_format={self.answer_format!r} is unknown", "use answer_tag, boxed, answer_is or plain")
         if not (0.0 <= self.eps_low < 1.0 and self.eps_high >= 0.0):
             raise UserError(f"method.eps_low={self.eps_low}, eps_high={self.eps_high} out of range", "e.g. eps_low=0.2 eps_high=0.28")
@@ -433,7 +433,7 @@ class RMTMethodConfig(RLMethodConfig):
     entropy_dirs: List[str] = field(default_factory=list)
     """One entropy index per data.paths entry (tools/preprocess_entropy.py), checked against its
     dataset at start. Empty on the demo data: built from the demo base model and cached."""
-    curriculum: List[List[float]] = field(default_factory=lambda: [[0.5, 0.4, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]])
+    curriculum: List[List[float]] = field(default_factory=lambda: [list(d) for d in DEFAULT_DISTRIBUTIONS])
     """Three (easy, medium, hard) sampling distributions, reached at step 0, t1*T and t2*T
     (piecewise-linear in between; the paper does not publish its values, these are ours)."""
     t1: float = 0.3
@@ -469,11 +469,8 @@ class RMTMethodConfig(RLMethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from megatron_midtrain.rl.curriculum import curriculum_probs
-        from megatron_midtrain.rl.prompts import validate_template
-
         try:
-            curriculum_probs(0, 1, self.curriculum, self.t1, self.t2)
+            check_curriculum(self.curriculum, self.t1, self.t2)
             validate_template(self.prompt_template)
         except ValueError as err:
             raise UserError(f"method config: {err}", "fix method.curriculum / method.t1 / method.t2 / method.prompt_template") from None

@@ -295,7 +295,7 @@ def _write_import_meta(tmp, model_cfg, family, hf_cfg, hf_dir, tp, pp, dtype, fi
 # --------------------------------------------------------------------------------- export
 def export_hf(checkpoint: str, out: str, family: str | None = None, dtype: str | None = None,
               max_shard_bytes: int = 2 * 2**30, overwrite: bool = False, log=print) -> ConversionReport:
-    from megatron_midtrain.reference.scoring import _model_config_from_meta, peek_checkpoint
+    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta, peek_checkpoint
 
     start = time.perf_counter()
     info = peek_checkpoint(checkpoint)

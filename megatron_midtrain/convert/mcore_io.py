@@ -27,7 +27,7 @@ TensorSource = Callable[[str, "int | None"], torch.Tensor]
 
 def ensure_process_group() -> None:
     """A 1-rank gloo/NCCL group + TP1/PP1 megatron state (conversion is single-process)."""
-    from megatron_midtrain.reference.scoring import ensure_single_process_parallel_state
+    from megatron_midtrain.eval.checkpoint_logprobs import ensure_single_process_parallel_state
 
     ensure_single_process_parallel_state()
 

@@ -19,7 +19,6 @@ ranks; the lm-eval model runs every request on every rank).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -81,48 +80,19 @@ class Scorer:
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
 
     # ------------------------------------------------------------------ one padded batch
-    def _forward_step(self, batch, data_iterator, model):
+    def _score(self, batch, logits):
         from megatron.core import parallel_state
 
-        next(data_iterator)
-        tokens = batch.to(self.device)
-        positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, positions, None)
-        targets = torch.roll(tokens, shifts=-1, dims=1)
-        group = parallel_state.get_tensor_model_parallel_group()
-        return output, partial(self._collect, targets, group)
+        return _stage_outputs(logits, batch["targets"], self.vocab_size, parallel_state.get_tensor_model_parallel_group())
 
-    def _collect(self, targets, group, logits, non_loss_data=False):
-        logp, greedy, argmax = _stage_outputs(logits, targets, self.vocab_size, group)
-        zero = logits.sum() * 0.0
-        return zero, torch.zeros((), dtype=torch.int, device=logits.device), {"out": (logp, greedy, argmax)}
-
-    @torch.no_grad()
     def _run(self, tokens: torch.Tensor):
         """[b, s] int64 (identical on every rank) -> (logp, greedy, argmax) on every rank."""
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron_midtrain.training.forward import forward_only, next_token_batch
 
         b, s = tokens.shape
-        out = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, tokens),
-            data_iterator=iter([None]),
-            model=[self.model],
-            num_microbatches=1,
-            seq_length=s,
-            micro_batch_size=b,
-            decoder_seq_length=s,
-            forward_only=True,
-        )
-        packed = torch.empty(3, b, s, dtype=torch.float64, device=self.device)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            logp, greedy, argmax = out[0]["out"]
-            packed[0], packed[1], packed[2] = logp.double(), greedy.double(), argmax.double()
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(packed, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
-        packed = packed.cpu()
-        return packed[0].float(), packed[1].bool(), packed[2].long()
+        [(logp, greedy, argmax)] = forward_only(self.model, [next_token_batch(tokens)], 1, self._score, seq_length=s, micro_batch_size=b,
+                                                device=self.device, broadcast=True)
+        return logp.float().cpu(), greedy.bool().cpu(), argmax.long().cpu()
 
     # ------------------------------------------------------------------ many sequences
     def score(self, sequences: list[list[int]]) -> list[Scores]:
@@ -161,34 +131,18 @@ class Scorer:
 
 def init_parallel(tp: int, pp: int) -> None:
     """torch.distributed (torchrun env, or one local process) and megatron's TP/PP groups."""
-    import datetime
     import os
 
-    from megatron.core import parallel_state
-
-    from megatron_midtrain.utils import cpu_compat
+    from megatron_midtrain.training.distributed import init_process_groups, model_parallel_layout
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise UserError(f"--tp {tp} x --pp {pp} does not divide the world size {world}",
                         f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node) or change --tp/--pp")
-    cpu_compat.activate()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if "MASTER_ADDR" not in os.environ:
-            from megatron_midtrain.testing.distributed import free_port
-
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    if not torch.cuda.is_available():  # ranks share the cores: one share of the threads each
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+    have = model_parallel_layout()
+    if have is not None and have[:2] != (tp, pp):
         raise UserError("this process already has another TP/PP layout", "run the tool in its own process")
+    init_process_groups(tp, pp)
 
 
 def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 1234):
@@ -199,8 +153,9 @@ def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 12
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_midtrain.config.schema import ParallelConfig
-    from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
-    from megatron_midtrain.reference.scoring import _model_config_from_meta
+    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta
+    from megatron_midtrain.model.builder import build_transformer_config, have_transformer_engine
+    from megatron_midtrain.model.loading import load_frozen_stage
     from megatron_midtrain.training import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint_dir(checkpoint)
@@ -214,10 +169,5 @@ def load_stage(checkpoint: str, dtype: torch.dtype | None = None, seed: int = 12
     if not tracker.get_states():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     config = build_transformer_config(model_cfg, parallel, dtype)
-    model = build_gpt_stage(model_cfg, config, model_cfg.max_position_embeddings, have_transformer_engine())
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    ckpt.load_model_weights(path, model, model_cfg)
-    model.requires_grad_(False)
-    model.eval()
+    model, _ = load_frozen_stage(path, model_cfg, config, model_cfg.max_position_embeddings, have_transformer_engine())
     return model, model_cfg, dict(meta, path=path)

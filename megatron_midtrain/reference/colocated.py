@@ -30,6 +30,8 @@ class ColocatedReference:
     """Frozen GPTModel stage: no gradients, no optimizer state, always in eval mode."""
 
     def __init__(self, cfg, policy_tokenizer_id: str | None, dtype: torch.dtype, use_te: bool):
+        from megatron_midtrain.model.loading import load_frozen_stage
+
         self.cfg = cfg
         self.path = ckpt.resolve_checkpoint_dir(cfg.reference.checkpoint, what="reference.checkpoint")
         self.config = build_transformer_config(cfg.model, cfg.parallel, dtype)
@@ -38,20 +40,15 @@ class ColocatedReference:
                 raise UserError("reference.fp8=true needs a GPU with Transformer Engine", "set reference.fp8=false")
             # TE's layers read config.fp8 at forward time (megatron wraps the block in its fp8 context).
             self.config = dataclasses.replace(self.config, fp8="e4m3", fp8_recipe="delayed")
-        self.model = build_gpt_stage(cfg.model, self.config, cfg.data.seq_length, use_te)
-        if torch.cuda.is_available():
-            self.model.cuda(torch.cuda.current_device())
         # The reference must score exactly the policy's tokens: same architecture (so the same
         # sharding and vocabulary, checked while loading) and the same tokenizer.
-        meta = ckpt.load_model_weights(self.path, self.model, cfg.model, what="reference")
+        self.model, meta = load_frozen_stage(self.path, cfg.model, self.config, cfg.data.seq_length, use_te, what="reference")
         saved_tok = meta.get("tokenizer")
         if saved_tok and policy_tokenizer_id and saved_tok != policy_tokenizer_id:
             raise UserError(
                 f"reference {self.path} was trained with tokenizer {saved_tok}, the policy uses {policy_tokenizer_id}",
                 "use a reference that shares the policy's tokenizer",
             )
-        self.model.requires_grad_(False)
-        self.model.eval()
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._hidden_only = False

@@ -28,23 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NUM_BUCKETS = 3
-#: Default (easy, medium, hard) distributions at τ = 0, t1, t2: early steps favour easy and
-#: medium tokens, late steps favour hard ones (the RMT paper does not publish its values).
-DEFAULT_DISTRIBUTIONS: tuple[tuple[float, float, float], ...] = (
-    (0.5, 0.4, 0.1),
-    (0.2, 0.5, 0.3),
-    (0.1, 0.3, 0.6),
-)
-
-
-def _normalize(dist: Sequence[float]) -> np.ndarray:
-    p = np.asarray(dist, dtype=np.float64)
-    if p.shape != (NUM_BUCKETS,):
-        raise ValueError(f"a curriculum distribution needs {NUM_BUCKETS} entries (easy, medium, hard), got {list(dist)}")
-    if (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
-        raise ValueError(f"a curriculum distribution needs non-negative finite entries with a positive sum, got {list(dist)}")
-    return p / p.sum()
+from megatron_midtrain.config.rl_rules import DEFAULT_DISTRIBUTIONS, NUM_BUCKETS, check_curriculum
+from megatron_midtrain.config.rl_rules import normalize_distribution as _normalize
 
 
 def curriculum_probs(
@@ -63,11 +48,7 @@ def curriculum_probs(
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
-    if not 0.0 < t1 < t2 <= 1.0:
-        raise ValueError(f"need 0 < t1 < t2 <= 1, got t1={t1}, t2={t2}")
-    if len(distributions) != 3:
-        raise ValueError(f"the curriculum needs exactly three distributions, got {len(distributions)}")
-    p0, p1, p2 = (_normalize(d) for d in distributions)
+    p0, p1, p2 = check_curriculum(distributions, t1, t2)
     tau = min(max(step / total_steps, 0.0), 1.0)
     if tau <= t1:
         a = tau / t1

@@ -221,9 +221,9 @@ def run(args) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_midtrain.config.schema import ParallelConfig
+    from megatron_midtrain.eval.checkpoint_logprobs import _model_config_from_meta
     from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
     from megatron_midtrain.reference.offline import _duration, _on_rank0, _rank0
-    from megatron_midtrain.reference.scoring import _model_config_from_meta
     from megatron_midtrain.training import checkpoint as ckpt
     from megatron_midtrain.training.distributed import broadcast_object, init_distributed, shutdown
 

@@ -31,21 +31,12 @@ from __future__ import annotations
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-_AGG_ALIASES = {"drgrpo": "seq-mean-token-sum-norm", "dr_grpo": "seq-mean-token-sum-norm", "dr-grpo": "seq-mean-token-sum-norm"}
+from megatron_midtrain.config.rl_rules import AGG_MODES, canonical_agg  # noqa: F401  (AGG_MODES: re-export)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """fp32 for half/bf16 inputs; fp64 stays fp64."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def canonical_agg(agg: str) -> str:
-    """The canonical aggregation name (accepts the ``drgrpo`` aliases)."""
-    agg = _AGG_ALIASES.get(agg, agg)
-    if agg not in AGG_MODES:
-        raise ValueError(f"loss aggregation {agg!r} is not one of {AGG_MODES} (or 'drgrpo')")
-    return agg
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, no_std: bool = False, eps: float = 1e-6) -> torch.Tensor:

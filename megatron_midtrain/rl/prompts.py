@@ -15,9 +15,7 @@ The context is a value, not part of the template, so braces in it are safe.
 
 from __future__ import annotations
 
-import string
-
-PROMPT_ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is", "plain")
+from megatron_midtrain.config.rl_rules import PROMPT_ANSWER_FORMATS, template_fields, validate_template  # noqa: F401
 
 DEFAULT_TEMPLATE = (
     "Complete the text below by predicting the next token. "
@@ -32,30 +30,6 @@ ANSWER_HINTS = {
     "answer_is": 'after "The answer is", for example The answer is the',
     "plain": "as your whole answer",
 }
-
-_ALLOWED_FIELDS = {"context", "budget", "answer_hint"}
-
-
-def template_fields(template: str) -> set[str]:
-    """The replacement field names used by a ``str.format`` template."""
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-
-
-def validate_template(template: str) -> None:
-    """Refuse a template that lacks ``{context}`` or uses a field other than context/budget/answer_hint."""
-    try:
-        fields = template_fields(template)
-    except ValueError as exc:  # unbalanced braces
-        raise ValueError(f"bad prompt template ({exc}); write literal braces as '{{{{' and '}}}}'") from None
-    unknown = fields - _ALLOWED_FIELDS
-    if unknown:
-        raise ValueError(
-            f"prompt template uses unknown field(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_FIELDS)} "
-            "(write literal braces as '{{' and '}}')"
-        )
-    if "context" not in fields:
-        raise ValueError("prompt template must contain {context}")
-
 
 def build_prompt(context: str, budget: int, template: str = DEFAULT_TEMPLATE, answer_format: str = "answer_tag") -> str:
     """The next-token reasoning prompt: ``template.format(context=..., budget=..., answer_hint=...)``.

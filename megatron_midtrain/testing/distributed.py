@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_midtrain.utils.net import free_port  # noqa: F401  (tests import it from here)
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn, args, kwargs, queue):

@@ -71,45 +71,75 @@ def check_layout(cfg, world: int) -> int:
     return world // model_parallel
 
 
-def init_distributed(cfg) -> Layout:
-    """Initialise torch.distributed (torchrun/SLURM env, or a single process) and megatron's groups."""
+def model_parallel_layout() -> tuple[int, int, int] | None:
+    """(TP, PP, CP) of megatron's model-parallel groups in this process, None if there are none."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size())
+
+
+def init_process_groups(tp: int = 1, pp: int = 1, cp: int = 1, backend: str = "auto", *, share_threads: bool = True) -> None:
+    """The one process-group set-up: torch.distributed and megatron's TP/PP/CP groups.
+
+    * SLURM task variables become torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*);
+    * :func:`megatron_midtrain.utils.cpu_compat.activate` (megatron-core on the CPU);
+    * torch.distributed: from the torchrun environment, or, when ``MASTER_ADDR`` is unset (a
+      plain ``python`` process), a single local process on a free port (the environment is
+      left as it is); an existing process group is reused;
+    * on the CPU (``share_threads``), each rank takes its share of the cores as intra-op threads;
+    * megatron's model-parallel groups, or the existing ones when they have this layout (a
+      previous Trainer or tool in this process); another layout is a :class:`UserError`.
+
+    ``backend``: ``auto`` (NCCL with CUDA, else gloo), ``nccl`` or ``gloo``.
+    """
+    from megatron.core import parallel_state
+
     from megatron_midtrain.utils import cpu_compat
     from megatron_midtrain.utils.slurm_env import torchrun_env_from_slurm
 
     os.environ.update(torchrun_env_from_slurm(os.environ))
     world = world_size_from_env()
-    dp = check_layout(cfg, world)
     cpu_compat.activate()
-    backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_midtrain.train`
-            from megatron_midtrain.testing.distributed import free_port
+        timeout = datetime.timedelta(minutes=30)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # plain `python ...`: one local process; no RANK/WORLD_SIZE/MASTER_* needed or changed
+            from megatron_midtrain.utils.net import free_port
 
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    if not torch.cuda.is_available():
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
+    if share_threads and not torch.cuda.is_available():
         # Ranks share the CPU cores; one intra-op thread per rank avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
-    from megatron.core import parallel_state
+    have = model_parallel_layout()
+    if have is None:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 context_parallel_size=cp)
+    elif have != (tp, pp, cp):
+        raise UserError(f"this process already has process groups for TP{have[0]} PP{have[1]} CP{have[2]}, "
+                        f"this run needs TP{tp} PP{pp} CP{cp}", "run it in its own process")
 
-    if parallel_state.model_parallel_is_initialized():
-        # A previous Trainer in this process (demo model stages, tests) left its groups: reuse
-        # them only if they have this run's layout.
-        have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
-        if have != (cfg.parallel.tp, cfg.parallel.pp):
-            raise RuntimeError(f"process groups exist for TP{have[0]} PP{have[1]}, this run needs TP{cfg.parallel.tp} PP{cfg.parallel.pp}")
-    else:
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=cfg.parallel.tp,
-            pipeline_model_parallel_size=cfg.parallel.pp,
-            context_parallel_size=cfg.parallel.cp,
-        )
-    return Layout(world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=dp, rank=dist.get_rank(), local_rank=local_rank)
+
+def init_distributed(cfg) -> Layout:
+    """Check ``cfg.parallel`` against the world and the model, then :func:`init_process_groups`."""
+    from megatron_midtrain.utils.slurm_env import torchrun_env_from_slurm
+
+    os.environ.update(torchrun_env_from_slurm(os.environ))
+    world = world_size_from_env()
+    dp = check_layout(cfg, world)
+    p = cfg.parallel
+    # Groups left by a previous Trainer in this process (demo model stages, tests) are reused.
+    init_process_groups(p.tp, p.pp, p.cp, p.backend)
+    return Layout(world=world, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, rank=dist.get_rank(),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def broadcast_object(obj, src: int = 0):

@@ -97,6 +97,13 @@ def forward_only(model, micro_batches: Iterable[dict], num_microbatches: int, sc
     return list(out)
 
 
+def next_token_batch(tokens: torch.Tensor) -> dict:
+    """A forward-only micro-batch of ``[b, s]`` token ids: positions ``0..s-1`` and, as the target
+    of position ``p``, token ``p + 1`` (the last position's target wraps around: ignore it)."""
+    return {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens),
+            "targets": torch.roll(tokens, shifts=-1, dims=1)}
+
+
 def _to_cpu(value):
     if isinstance(value, tuple):
         return tuple(_to_cpu(v) for v in value)

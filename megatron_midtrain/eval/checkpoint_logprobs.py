@@ -1,4 +1,4 @@
-"""Single-process scoring with a saved checkpoint: per-token log-probabilities.
+"""Per-token log-probabilities of a saved checkpoint, in a single process (TP1/PP1).
 
 Used by offline tools (``tools/token_delta_report.py``, ``tools/select_miniplm.py``) that
 compare two models token by token. A checkpoint is rebuilt from its own ``meta.json``
@@ -28,7 +28,6 @@ the right; attention is causal, so padded positions never influence real ones.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -50,41 +49,24 @@ DEFAULT_BATCH_TOKENS = 8192
 
 
 def ensure_single_process_parallel_state(seed: int = 0) -> None:
-    """Initialise a 1-rank process group and megatron's TP1/PP1 groups unless already done.
+    """Initialise a process group (a 1-rank one outside torchrun) and megatron's TP1/PP1 groups
+    unless already done (:func:`megatron_midtrain.training.distributed.init_process_groups`).
 
     If a process group already exists it is reused; megatron's model-parallel state must then
-    be TP1/PP1 (scoring builds whole, unsharded models).
+    be TP1/PP1 (the log-probs and the converter build whole, unsharded models).
     """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    from megatron_midtrain.utils import cpu_compat
+    from megatron_midtrain.training.distributed import init_process_groups, model_parallel_layout
 
-    cpu_compat.activate()
-    if not dist.is_initialized():
-        from megatron_midtrain.testing.distributed import free_port
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # An explicit tcp init_method: no RANK/WORLD_SIZE/MASTER_* environment is needed or changed.
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://127.0.0.1:{free_port()}",
-            rank=0,
-            world_size=1,
-            timeout=datetime.timedelta(minutes=30),
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if tp != 1 or pp != 1:
+    have = model_parallel_layout()
+    if have is not None and have[:2] != (1, 1):
         raise UserError(
-            f"scoring needs TP1/PP1 model-parallel state, but this process is already set up with TP{tp}/PP{pp}",
-            "run the scoring tools as a single process (plain python, not torchrun)",
+            f"whole-model (TP1/PP1) log-probs need TP1/PP1 model-parallel state, but this process is already set up "
+            f"with TP{have[0]}/PP{have[1]}",
+            "run the log-prob tools as a single process (plain python, not torchrun)",
         )
+    init_process_groups(1, 1, share_threads=False)
     # GPTModel construction draws from megatron's model-parallel RNG tracker; seed it once.
     tracker = tensor_parallel.get_cuda_rng_tracker()
     if not tracker.get_states():
@@ -189,6 +171,13 @@ def _model_config_from_meta(meta: dict, path: str):
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
+def _target_logprobs(batch, logits):
+    """log p(target) at every position of a whole-vocabulary (TP1) logits batch, float32."""
+    from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+
+    return vocab_parallel_logprobs(logits, batch["targets"], None).float()
+
+
 @dataclass
 class _Window:
     seq: int  # index of the sequence in the request
@@ -197,16 +186,17 @@ class _Window:
     first_scored: int
 
 
-class ScoringModel:
+class CheckpointLogprobs:
     """A frozen GPTModel (TP1/PP1, eval mode, no gradients) rebuilt from a checkpoint."""
 
     def __init__(self, checkpoint_path: str, dtype=None, stride: int | None = None,
                  max_batch_tokens: int = DEFAULT_BATCH_TOKENS):
-        """``dtype``: parameter dtype (default float32; scoring wants exact log-probs)."""
+        """``dtype``: parameter dtype (default float32; the tools want exact log-probs)."""
         import torch
 
         from megatron_midtrain.config.schema import ParallelConfig
-        from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config, have_transformer_engine
+        from megatron_midtrain.model.builder import build_transformer_config, have_transformer_engine
+        from megatron_midtrain.model.loading import load_frozen_stage
         from megatron_midtrain.training import checkpoint as ckpt
 
         dtype = dtype or torch.float32
@@ -226,16 +216,11 @@ class ScoringModel:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         config = build_transformer_config(self.model_config, ParallelConfig(), dtype)
         seq_length = int(self.meta.get("seq_length") or self.window)
-        self.model = build_gpt_stage(self.model_config, config, seq_length, have_transformer_engine())
-        if self.device.type == "cuda":
-            self.model.cuda(self.device)
-        ckpt.load_model_weights(self.path, self.model, self.model_config, what="checkpoint")
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.model, _ = load_frozen_stage(self.path, self.model_config, config, seq_length, have_transformer_engine())
         self._tokenizer = None
 
     def __repr__(self) -> str:
-        return f"ScoringModel({self.path!r}, step={self.step}, window={self.window}, stride={self.stride})"
+        return f"CheckpointLogprobs({self.path!r}, step={self.step}, window={self.window}, stride={self.stride})"
 
     # -------------------------------------------------------------- tokenizer
     @property
@@ -270,13 +255,6 @@ class ScoringModel:
             )
 
     # -------------------------------------------------------------- scoring
-    def _forward(self, tokens):
-        """[b, s] token ids -> [b, s, V] logits."""
-        import torch
-
-        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        return self.model(tokens, positions, None)
-
     def token_logprobs_batch(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """:meth:`token_logprobs` for many sequences at once (windows batched together)."""
         import torch
@@ -287,7 +265,7 @@ class ScoringModel:
     def _token_logprobs_batch(self, sequences):
         import torch
 
-        from megatron_midtrain.losses.vocab_parallel import vocab_parallel_logprobs
+        from megatron_midtrain.training.forward import forward_only, next_token_batch
 
         seqs = [list(map(int, s)) for s in sequences]
         for s in seqs:
@@ -311,11 +289,10 @@ class ScoringModel:
             tokens = torch.zeros(len(batch), longest, dtype=torch.long)
             for row, w in enumerate(batch):
                 tokens[row, : w.end - w.start] = torch.tensor(seqs[w.seq][w.start:w.end])
-            tokens = tokens.to(self.device)
-            logits = self._forward(tokens)
             # Target of position p is token p + 1 (the last position has no target in the window).
-            targets = torch.roll(tokens, shifts=-1, dims=1)
-            logp = vocab_parallel_logprobs(logits, targets, None).float().cpu()
+            [logp] = forward_only(self.model, [next_token_batch(tokens)], 1, _target_logprobs, seq_length=longest,
+                                  micro_batch_size=len(batch), device=self.device)
+            logp = logp.cpu()
             for row, w in enumerate(batch):
                 # token t (absolute) is scored from window position t - start - 1
                 lo, hi = w.first_scored - w.start - 1, w.end - w.start - 1
@@ -334,15 +311,15 @@ class ScoringModel:
         return ids, self.token_logprobs(ids)
 
 
-def load_scoring_model(checkpoint_path: str, **kwargs) -> ScoringModel:
-    """Load a checkpoint (iter dir, checkpoints/ root or run dir) for single-process scoring."""
-    return ScoringModel(checkpoint_path, **kwargs)
+def load_checkpoint_logprobs(checkpoint_path: str, **kwargs) -> CheckpointLogprobs:
+    """Load a checkpoint (iter dir, checkpoints/ root or run dir) for single-process per-token log-probs."""
+    return CheckpointLogprobs(checkpoint_path, **kwargs)
 
 
 def check_same_tokenizer(models: Iterable, roles: Sequence[str] | None = None) -> None:
     """Refuse checkpoints trained with different tokenizers (fingerprints in meta.json).
 
-    ``models``: :class:`ScoringModel` or :class:`CheckpointInfo` objects (``.path``, ``.tokenizer_id``).
+    ``models``: :class:`CheckpointLogprobs` or :class:`CheckpointInfo` objects (``.path``, ``.tokenizer_id``).
     """
     models = list(models)
     roles = list(roles) if roles else [f"checkpoint {i + 1}" for i in range(len(models))]
