@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
         else:
             model = trainer.model.module
             ckpt_dir = _policy_checkpoint(cfg, trainer) if args.hf else None
-        tok = trainer.tokenizer
+        tok = trainer.data.tokenizer
         rng = np.random.default_rng(0)
         sample = [trainer.data.train[int(i)]["tokens"][: args.prompt_tokens].tolist() for i in rng.integers(0, len(trainer.data.train), args.batch)]
         hf_dir = _export_hf(ckpt_dir, os.path.join(tmp, "hf")) if args.hf else None

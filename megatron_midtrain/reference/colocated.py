@@ -16,11 +16,13 @@ extra pipeline fill/drain per step, which shrinks with more micro-batches.
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 
 from megatron_midtrain.errors import UserError
 from megatron_midtrain.losses.vocab_parallel import label_logprobs
-from megatron_midtrain.model.builder import build_gpt_stage, build_transformer_config
+from megatron_midtrain.model.builder import build_transformer_config
+from megatron_midtrain.model.loading import load_frozen_stage
 from megatron_midtrain.training import checkpoint as ckpt
 from megatron_midtrain.training.forward import forward_only
 from megatron_midtrain.training.checkpoint import resolve_checkpoint_dir  # noqa: F401  (re-export for tools)
@@ -30,8 +32,6 @@ class ColocatedReference:
     """Frozen GPTModel stage: no gradients, no optimizer state, always in eval mode."""
 
     def __init__(self, cfg, policy_tokenizer_id: str | None, dtype: torch.dtype, use_te: bool):
-        from megatron_midtrain.model.loading import load_frozen_stage
-
         self.cfg = cfg
         self.path = ckpt.resolve_checkpoint_dir(cfg.reference.checkpoint, what="reference.checkpoint")
         self.config = build_transformer_config(cfg.model, cfg.parallel, dtype)
