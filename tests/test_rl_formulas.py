@@ -27,7 +27,6 @@ from megatron_midtrain.rl.rewards import (
     extract_answer,
     length_reward,
     prefix_match,
-    prefix_match_reward,
     score_prefix_match,
 )
 
@@ -119,17 +118,17 @@ def test_prefix_match_multibyte_utf8():
 
 def test_prefix_match_reward_edge_cases():
     gt = [b" Paris", b" is"]
-    assert prefix_match_reward("I think... <answer> Paris</answer>", gt) == 1.0
-    assert prefix_match_reward("<answer>Paris </answer>", gt) == 1.0  # trailing ws stripped
-    assert prefix_match_reward("<answer>Par</answer>", gt) == 0.0
-    assert prefix_match_reward("<answer>London</answer>", gt) == 0.0
+    assert score_prefix_match("I think... <answer> Paris</answer>", gt).reward == 1.0
+    assert score_prefix_match("<answer>Paris </answer>", gt).reward == 1.0  # trailing ws stripped
+    assert score_prefix_match("<answer>Par</answer>", gt).reward == 0.0
+    assert score_prefix_match("<answer>London</answer>", gt).reward == 0.0
     # the last answer counts
-    assert prefix_match_reward("<answer>London</answer> wait <answer>Paris</answer>", gt) == 1.0
+    assert score_prefix_match("<answer>London</answer> wait <answer>Paris</answer>", gt).reward == 1.0
     # empty answer and missing tag take the configurable penalties
-    assert prefix_match_reward("<answer>   </answer>", gt, empty_penalty=-0.5) == -0.5
-    assert prefix_match_reward("<answer></answer>", gt, empty_penalty=-0.25) == -0.25
-    assert prefix_match_reward("Paris", gt, missing_penalty=-2.0) == -2.0
-    assert prefix_match_reward("<answer>Paris", gt, missing_penalty=-1.0) == -1.0  # unclosed tag
+    assert score_prefix_match("<answer>   </answer>", gt, empty_penalty=-0.5).reward == -0.5
+    assert score_prefix_match("<answer></answer>", gt, empty_penalty=-0.25).reward == -0.25
+    assert score_prefix_match("Paris", gt, missing_penalty=-2.0).reward == -2.0
+    assert score_prefix_match("<answer>Paris", gt, missing_penalty=-1.0).reward == -1.0  # unclosed tag
     assert score_prefix_match("Paris", gt).status == "missing"
     assert score_prefix_match("<answer> </answer>", gt).status == "empty"
     assert score_prefix_match("<answer>Paris</answer>", gt).correct

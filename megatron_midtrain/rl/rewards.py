@@ -253,18 +253,6 @@ def score_prefix_match(
     return RewardResult(1.0 if ok else 0.0, STATUS_CORRECT if ok else STATUS_WRONG, pred)
 
 
-def prefix_match_reward(
-    response: str,
-    gt_token_bytes: Sequence[bytes | str],
-    answer_format: str = "answer_tag",
-    missing_penalty: float = DEFAULT_MISSING_PENALTY,
-    empty_penalty: float = DEFAULT_EMPTY_PENALTY,
-    strip_leading_whitespace: bool = True,
-) -> float:
-    """The float reward of :func:`score_prefix_match` (1 correct, 0 wrong, penalties otherwise)."""
-    return score_prefix_match(response, gt_token_bytes, answer_format, missing_penalty, empty_penalty, strip_leading_whitespace).reward
-
-
 # --------------------------------------------------------------------------------------------
 # Exact-match reward (verifiable arithmetic mode)
 # --------------------------------------------------------------------------------------------
