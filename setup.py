@@ -44,7 +44,10 @@ setup(
         "eval": ["lm_eval>=0.4.8,<0.5", "accelerate>=1.0"],
         "slurm": ["hydra-submitit-launcher==1.2.0"],
         "tensorboard": ["tensorboard>=2.14"],
-        "dev": ["pytest>=8", "tokenizers>=0.20", "pyyaml>=6.0", "transformers>=4.54", "safetensors>=0.4", "lm_eval>=0.4.8,<0.5", "accelerate>=1.0"],
+        # run.wandb.project=... (megatron_midtrain/callbacks/wandb.py); tested with 0.31.0
+        "wandb": ["wandb>=0.17"],
+        "dev": ["pytest>=8", "tokenizers>=0.20", "pyyaml>=6.0", "transformers>=4.54", "safetensors>=0.4", "lm_eval>=0.4.8,<0.5", "accelerate>=1.0",
+                "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["midtrain=megatron_midtrain.train:main"]},
 )

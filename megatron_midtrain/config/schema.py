@@ -21,6 +21,57 @@ from megatron_midtrain.errors import UserError
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (rank 0 only); off unless ``project`` is set."""
+
+    project: str = ""
+    """W&B project to log to. Empty = W&B logging off. Needs ``pip install -e ".[wandb]"``."""
+    entity: Optional[str] = None
+    """W&B team or user (None = the logged-in user's default entity)."""
+    name: Optional[str] = None
+    """Display name of the W&B run. None = run.name."""
+    group: Optional[str] = None
+    """W&B group, e.g. to show the runs of a sweep together."""
+    tags: List[str] = field(default_factory=list)
+    """W&B tags of the run."""
+    mode: str = "online"
+    """online (stream to the server), offline (write ``<dir>/wandb/offline-run-*``, upload later
+    with ``wandb sync``) or disabled (no-op)."""
+    dir: Optional[str] = None
+    """Where W&B keeps its local files (a ``wandb/`` folder inside it). None = run.dir."""
+
+    def __post_init__(self):
+        if self.mode not in ("online", "offline", "disabled"):
+            raise UserError(f"run.wandb.mode={self.mode!r} is unknown", "use online, offline or disabled")
+
+
+@dataclass
+class ProfilerConfig:
+    """torch.profiler trace + memory/throughput summary of a few steps (``<run.dir>/profile/``)."""
+
+    start_step: int = 0
+    """First profiled step (1-based). 0 = profiler off. A resumed run that starts after it profiles nothing."""
+    num_steps: int = 2
+    """Number of consecutive steps profiled from start_step."""
+    record_shapes: bool = False
+    """Record operator input shapes (bigger trace, lets the summary group by shape)."""
+    profile_memory: bool = True
+    """Track tensor allocations (memory columns in the summary, memory timeline in the trace)."""
+    with_stack: bool = False
+    """Record Python stacks of the operators (much bigger trace and more overhead)."""
+    ranks: List[int] = field(default_factory=lambda: [0])
+    """Global ranks that profile (each writes its own ``rank<R>_*`` files)."""
+
+    def __post_init__(self):
+        if self.start_step < 0:
+            raise UserError(f"run.profiler.start_step={self.start_step} must be >= 0", "0 = off, or e.g. run.profiler.start_step=10")
+        if self.num_steps < 1:
+            raise UserError(f"run.profiler.num_steps={self.num_steps} must be >= 1", "e.g. run.profiler.num_steps=2")
+        if self.start_step and (not self.ranks or any(r < 0 for r in self.ranks)):
+            raise UserError(f"run.profiler.ranks={list(self.ranks)} must name global ranks >= 0", "e.g. run.profiler.ranks=[0]")
+
+
+@dataclass
 class RunConfig:
     dir: Optional[str] = None
     """Run directory (config.yaml, metrics.jsonl, checkpoints, plots). Re-using a
@@ -37,6 +88,10 @@ class RunConfig:
     """Also write TensorBoard event files under ``<run.dir>/tensorboard``."""
     plot: bool = True
     """Write ``<run.dir>/metrics.png`` (loss and method statistics) at each save and at the end."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (``run.wandb.project=...`` turns it on)."""
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    """torch.profiler trace of a few steps (``run.profiler.start_step=N`` turns it on)."""
 
 
 @dataclass
