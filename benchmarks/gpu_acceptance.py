@@ -401,6 +401,7 @@ def check_performance(run: Run) -> None:
 
     from megatron_midtrain.model.builder import padded_vocab_size
     from megatron_midtrain.training import checkpoint as ckpt
+    from megatron_midtrain.training.run_dir import checkpoint_meta
     from megatron_midtrain.training.trainer import Trainer
 
     a = run.args
@@ -443,7 +444,8 @@ def check_performance(run: Run) -> None:
                 if mode == "ntp":
                     # The reference of the ReMiT modes: these initial weights, saved model-only.
                     ckpt.save_checkpoint(reference, 0, trainer.model.module, None, trainer.scheduler,
-                                         trainer._checkpoint_meta(), keep=1)
+                                         checkpoint_meta(cfg, trainer.step, trainer.tokenizer_id, trainer.tokenizer_path),
+                                         keep=1)
                     n_params = sum(p.numel() for p in trainer.model.module.parameters())
                     rng = np.random.default_rng(0)
                     run.perf["rollout_inputs"] = {

@@ -133,9 +133,9 @@ def test_prefix_match_reward_edge_cases():
     assert score_prefix_match("<answer> </answer>", gt).status == "empty"
     assert score_prefix_match("<answer>Paris</answer>", gt).correct
     # boxed format
-    assert prefix_match_reward("so \\boxed{Paris}", gt, answer_format="boxed") == 1.0
-    assert prefix_match_reward("so \\boxed{Paris", gt, answer_format="boxed", missing_penalty=-3.0) == -3.0
-    assert prefix_match_reward("\\boxed{}", gt, answer_format="boxed", empty_penalty=-0.7) == -0.7
+    assert score_prefix_match("so \\boxed{Paris}", gt, answer_format="boxed").reward == 1.0
+    assert score_prefix_match("so \\boxed{Paris", gt, answer_format="boxed", missing_penalty=-3.0).reward == -3.0
+    assert score_prefix_match("\\boxed{}", gt, answer_format="boxed", empty_penalty=-0.7).reward == -0.7
 
 
 def test_extract_answer():

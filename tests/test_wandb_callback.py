@@ -158,3 +158,22 @@ def test_missing_package_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match=r"wandb is not installed.*pip install -e \"\.\[wandb\]\""):
         WandbLogger.from_config(_cfg())
     assert WandbLogger.from_config(_cfg(project="")) is None  # off: no import attempted
+
+
+@needs_wandb
+def test_training_run_writes_an_offline_wandb_run(tmp_path):
+    """The real trainer (DP2 world) with ``run.wandb.project``: rank 0 writes one offline W&B run
+    whose loss history is metrics.jsonl's."""
+    from megatron_midtrain.testing.distributed import run_distributed
+    from megatron_midtrain.testing.runs import run_jobs
+
+    run_dir = tmp_path / "train"
+    out = run_distributed(run_jobs, 2, [("train", ["train.max_steps=3", "run.wandb.project=midtrain-test",
+                                                   "run.wandb.mode=offline", f"run.dir={run_dir}"])])
+    records = out[0][0]["records"]
+    (run_path,) = _offline_runs(str(run_dir))
+    history, run = _history(run_path)
+    assert run.project == "midtrain-test"
+    assert [h["_step"] for h in history] == [r["step"] for r in records] == [1, 2, 3]
+    assert [h["loss"] for h in history] == [r["loss"] for r in records]
+    assert [h["grad_norm"] for h in history] == [r["grad_norm"] for r in records]
