@@ -13,7 +13,7 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def _train_pair(root: str, reference: str) -> list:
-    """ref_filter with min_prob 0 (keeps every token) and 0.02, then plain NTP; rank 0's records."""
+    """ref_filter with min_prob 0 (keeps every token) and 0.001 (twice the uniform 1/2048), then plain NTP; rank 0's records."""
     sys.path.insert(0, EXAMPLES)
     import ref_filter_method  # noqa: F401  (registers method=ref_filter)
 
@@ -22,7 +22,7 @@ def _train_pair(root: str, reference: str) -> list:
     common = ["parallel.tp=2", "train.max_steps=2", f"reference.checkpoint={reference}"]
     return run_jobs([
         ("train", common + ["method=ref_filter", "method.min_prob=0.0", f"run.dir={root}/all"]),
-        ("train", common + ["method=ref_filter", "method.min_prob=0.02", f"run.dir={root}/filtered"]),
+        ("train", common + ["method=ref_filter", "method.min_prob=0.001", f"run.dir={root}/filtered"]),
         ("train", common[:2] + ["method=ntp", f"run.dir={root}/ntp"]),
     ])
 
@@ -30,7 +30,7 @@ def _train_pair(root: str, reference: str) -> list:
 def _reference(root: str) -> str:
     from megatron_midtrain.testing.runs import run_jobs
 
-    run_jobs([("train", ["train.max_steps=2", "optimizer.lr=1e-2", f"run.dir={root}"])])
+    run_jobs([("train", ["train.max_steps=4", "optimizer.lr=1e-2", f"run.dir={root}"])])
     return root
 
 
