@@ -5,7 +5,7 @@
 rho1, kd, grpo (with a k3 KL term) and rmt, at TP1 and TP2·PP2, every logged number but
 wall-clock timings. This test reruns the recorder on the current code and asserts exact equality
 (fp32, CPU, gloo): any change in the order of operations of a loss, a reduction or an RNG draw
-shows up as a differing float.
+shows up as a differing float. Statistics added since (new keys) are not compared.
 """
 
 from __future__ import annotations
@@ -38,7 +38,4 @@ def test_records_reproduced_bitwise(tmp_path, monkeypatch):
                 for key, value in want.items():
                     if have.get(key) != value:
                         mismatches.append(f"{layout}/{method} step {want['step']} {key}: {have.get(key)!r} != {value!r}")
-                extra = sorted(set(have) - set(want))
-                if extra:
-                    mismatches.append(f"{layout}/{method} step {want['step']}: new keys {extra}")
     assert not mismatches, f"{len(mismatches)} differences, first: " + "; ".join(mismatches[:8])

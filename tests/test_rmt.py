@@ -208,5 +208,7 @@ def test_rmt_loop_with_real_rollouts_at_dp2(tmp_path, entropy_dirs):
     # budget B_t = max(1, floor(4 * 0.5^(t/T))) and the max-length schedule's step-up at step 2
     assert [r["rl/budget"] for r in records] == [4, 2]
     assert [r["rl/max_new_tokens"] for r in records] == [8, 6]
-    # the first step is on-policy: the recomputed old log-probs are the policy's, so the ratio is 1
-    assert abs(records[0]["rl/ratio_mean"] - 1.0) < 1e-5 and records[0]["rl/clip_frac"] == 0.0
+    # one update per rollout batch: on-policy, the old log-probs are the detached current ones
+    # (no recompute), so the ratio and the clip are trivial by design; tests/test_grpo_minibatch.py
+    # covers several updates, where they act
+    assert all(r["rl/approx_kl_old"] == 0.0 for r in records)

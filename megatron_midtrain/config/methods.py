@@ -118,12 +118,27 @@ class RLMethodConfig(MethodConfig):
     """epsilon_high of the clipped ratio (DAPO's clip-higher when > eps_low)."""
     kl_beta: float = 0.0
     """beta: weight of the k3 KL to reference.checkpoint (0 = off, no reference is loaded)."""
+    kl_clamp: float = 10.0
+    """Per-token k3 estimates are clamped to [-kl_clamp, kl_clamp] (verl's low_var_kl uses 10), so a
+    policy far from the reference gets a bounded KL and gradient instead of e^20; 0 = no clamp."""
     loss_agg: str = "token-mean"
     """GRPO loss aggregation: token-mean, seq-mean-token-mean or drgrpo (seq-mean-token-sum-norm)."""
     no_std: bool = False
     """Dr.GRPO advantages: r - mean(r) without dividing by the group std."""
     rollout_micro_batch_size: int = 8
     """Rollout sequences per micro-batch of the log-prob recompute and the update."""
+    ppo_mini_batches: int = 1
+    """Optimizer updates per pass over a rollout batch (verl's train batch / ppo_mini_batch_size):
+    the rollouts (and RMT's corpus micro-batches) are split into this many contiguous mini-batches,
+    one update each. Must divide the rollout micro-batches per DP rank."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (verl's ppo_epochs). With ppo_mini_batches * ppo_epochs = 1
+    the single update is on-policy: the ratio is 1 and no old log-probs are recomputed; with more,
+    old log-probs are recorded once per rollout batch, before the first update."""
+    clip_ratio_c: float = 0.0
+    """Dual-clip (verl's clip_ratio_c, Ye et al. 2020): for A < 0 the token loss is capped at
+    -c * A, so a ratio far above 1 cannot push a negative-advantage token without bound. 0 = off;
+    otherwise > 1 (verl's default is 3.0)."""
     generation_batch_rows: int = 64
     """Most rollout rows generated together (one KV-cache batch; prompts of different lengths are
     left-padded and masked)."""
@@ -131,7 +146,10 @@ class RLMethodConfig(MethodConfig):
     def __post_init__(self):
         _positive("method", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
                   max_new_tokens=self.max_new_tokens, rollout_micro_batch_size=self.rollout_micro_batch_size,
-                  generation_batch_rows=self.generation_batch_rows)
+                  generation_batch_rows=self.generation_batch_rows, ppo_mini_batches=self.ppo_mini_batches,
+                  ppo_epochs=self.ppo_epochs)
+        if self.clip_ratio_c != 0 and self.clip_ratio_c <= 1.0:
+            raise UserError(f"method.clip_ratio_c={self.clip_ratio_c} must be > 1 (or 0 = off)", "e.g. method.clip_ratio_c=3.0 (verl's value)")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise UserError(f"method.temperature={self.temperature}, method.top_p={self.top_p} out of range",
                             "use temperature >= 0 and 0 < top_p <= 1")
@@ -145,12 +163,19 @@ class RLMethodConfig(MethodConfig):
             raise UserError(f"method.answer_format={self.answer_format!r} is unknown", "use answer_tag, boxed, answer_is or plain")
         if not (0.0 <= self.eps_low < 1.0 and self.eps_high >= 0.0):
             raise UserError(f"method.eps_low={self.eps_low}, eps_high={self.eps_high} out of range", "e.g. eps_low=0.2 eps_high=0.28")
+        if self.kl_clamp < 0:
+            raise UserError(f"method.kl_clamp={self.kl_clamp} must be >= 0", "e.g. method.kl_clamp=10 (verl's value; 0 = off)")
         if self.kl_beta < 0:
             raise UserError(f"method.kl_beta={self.kl_beta} must be >= 0", "e.g. method.kl_beta=0.0")
         try:
             canonical_agg(self.loss_agg)
         except ValueError:
             raise UserError(f"method.loss_agg={self.loss_agg!r} is unknown", f"use one of {', '.join(AGG_MODES)} or drgrpo") from None
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per rollout batch (the LR schedule counts these)."""
+        return self.ppo_mini_batches * self.ppo_epochs
 
     def max_new_tokens_at(self, step: int) -> int:
         """The max-length schedule: the response limit at (1-based) ``step``."""

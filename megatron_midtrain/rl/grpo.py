@@ -16,7 +16,17 @@ Token loss
 
     :math:`k3_t = \exp(\log\pi_{ref} - \log\pi_\theta) - (\log\pi_{ref} - \log\pi_\theta) - 1`
     (Schulman's k3 estimator of KL(π_θ‖π_ref), ≥ 0; β defaults to 0 and then the reference is
-    not needed).
+    not needed). As verl's ``low_var_kl``, the log-ratio is clamped to [-20, 20] and k3 itself to
+    [-10, 10] (:data:`K3_CLAMP`): far from the reference the estimate and its gradient stay
+    bounded (≤ 10 and e^{log 10}) instead of reaching e^20; the clamp is inactive while the
+    policy is within a log-ratio of about 2.6 of the reference.
+
+    Dual-clip (``clip_ratio_c = c > 1``, off by default; verl's ``clip_ratio_c``): for A < 0 the
+    token loss is additionally capped, :math:`\ell_t = \min(\ell_t, -cA)`, so a ratio far above
+    1 + ε cannot drive a negative-advantage token's loss without bound.
+
+    On-policy (``old_logprobs=None``): one update per rollout batch, π_old = π_θ, so the ratio is
+    1 by construction and the loss uses the detached current log-probs (no recompute pass).
 
 Aggregation (``agg``), with :math:`m` the response mask:
     * ``token-mean`` (default): :math:`\sum_{i,t} m\ell / \sum_{i,t} m`.
@@ -66,13 +76,20 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, no_std: bool = False
     return centred.reshape(shape).to(torch.float32)
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+#: k3 is clamped to [-K3_CLAMP, K3_CLAMP] (verl's low_var_kl clamps its estimate to [-10, 10]).
+K3_CLAMP = 10.0
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float = K3_CLAMP) -> torch.Tensor:
     r"""Per-token k3 estimator :math:`e^{\log\pi_{ref}-\log\pi_\theta} - (\log\pi_{ref}-\log\pi_\theta) - 1`.
 
-    The log-ratio is clamped to [-20, 20] before ``exp`` (as verl's ``low_var_kl``) for stability.
+    The log-ratio is clamped to [-20, 20] before ``exp`` and the estimate to [-10, 10]
+    (``clamp``, default :data:`K3_CLAMP`; 0 = no clamp), as verl's ``low_var_kl``; where the
+    clamp acts the gradient is 0.
     """
     d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-    return torch.exp(d) - d - 1.0
+    k3 = torch.exp(d) - d - 1.0
+    return k3.clamp(-clamp, clamp) if clamp else k3
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean", drgrpo_constant: float | None = None) -> torch.Tensor:
@@ -104,13 +121,16 @@ def grpo_policy_loss(
     beta: float = 0.0,
     agg: str = "token-mean",
     drgrpo_constant: float | None = None,
+    clip_ratio_c: float = 0.0,
+    kl_clamp: float = K3_CLAMP,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Clipped-ratio GRPO loss with optional k3 KL (formulas in the module docstring).
 
     Args:
         logprobs: ``[N, L]`` current-policy log-probs of the generated tokens (with grad).
-        old_logprobs: ``[N, L]`` log-probs under the rollout policy, recomputed by the trainer
-            before the update (detached here).
+        old_logprobs: ``[N, L]`` log-probs under the rollout policy, recorded before the first
+            update of the rollout batch (detached here); None: on-policy (the detached current
+            log-probs, ratio 1).
         advantages: ``[N]`` (per response) or ``[N, L]`` (per token); detached here.
         response_mask: ``[N, L]``; truthy for tokens that count.
         eps_low, eps_high: ε_lo / ε_hi of ``clip(ρ, 1-ε_lo, 1+ε_hi)`` (DAPO's clip-higher when
@@ -120,6 +140,8 @@ def grpo_policy_loss(
         beta: KL weight β (default 0).
         agg: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum-norm`` (``drgrpo``).
         drgrpo_constant: C for Dr.GRPO (default L).
+        clip_ratio_c: dual-clip constant c (> 1; 0 = off).
+        kl_clamp: bound of the per-token k3 estimate (0 = unbounded).
 
     Returns:
         ``(loss, extras)``; ``loss`` is a scalar with grad. ``extras`` holds detached float
@@ -127,9 +149,11 @@ def grpo_policy_loss(
         ``kl_loss`` (aggregated k3, 0 without a reference), ``kl_mean``, ``clip_frac`` (share of
         tokens where the clipped term is the active one, as verl's ``pg_clipfrac``),
         ``clip_frac_low`` (ρ < 1-ε_lo with A < 0), ``clip_frac_high`` (ρ > 1+ε_hi with A > 0),
-        ``ratio_mean``, ``ratio_max``, ``approx_kl_old`` (mean of log π_old − log π_θ),
-        ``num_tokens``.
+        ``clip_frac_dual`` (A < 0 tokens where the dual-clip cap is active), ``ratio_mean``,
+        ``ratio_max``, ``approx_kl_old`` (mean of log π_old − log π_θ), ``num_tokens``.
     """
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
     if logprobs.shape != old_logprobs.shape or logprobs.shape != response_mask.shape:
         raise ValueError(
             f"shape mismatch: logprobs {tuple(logprobs.shape)}, old {tuple(old_logprobs.shape)}, mask {tuple(response_mask.shape)}"
@@ -150,12 +174,17 @@ def grpo_policy_loss(
     pg_unclipped = -ratio * adv
     pg_clipped = -clipped * adv
     pg_tok = torch.maximum(pg_unclipped, pg_clipped)  # == -min(ρA, clip(ρ)A)
+    dual = torch.zeros_like(mask)
+    if clip_ratio_c:
+        cap = -clip_ratio_c * adv
+        dual = (adv < 0) & (cap < pg_tok)
+        pg_tok = torch.where(adv < 0, torch.minimum(pg_tok, cap), pg_tok)
     pg_loss = aggregate(pg_tok, mask, agg, drgrpo_constant)
 
     loss = pg_loss
     kl_tok = None
     if ref_logprobs is not None:
-        kl_tok = k3_kl(lp, ref_logprobs.detach().to(lp.dtype))
+        kl_tok = k3_kl(lp, ref_logprobs.detach().to(lp.dtype), kl_clamp)
         kl_loss = aggregate(kl_tok, mask, agg, drgrpo_constant)
         if beta > 0:
             loss = loss + beta * kl_loss
@@ -176,6 +205,7 @@ def grpo_policy_loss(
             "clip_frac": mmean(pg_clipped > pg_unclipped),
             "clip_frac_low": mmean((ratio < 1.0 - eps_low) & (adv < 0)),
             "clip_frac_high": mmean((ratio > 1.0 + eps_high) & (adv > 0)),
+            "clip_frac_dual": mmean(dual),
             "ratio_mean": mmean(ratio),
             # 1 with no token; a masked max keeps this free of host syncs
             "ratio_max": torch.where(mask.any(), torch.where(mask, ratio, torch.zeros_like(ratio)).max(),

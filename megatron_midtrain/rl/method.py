@@ -56,6 +56,17 @@ class RLMethod:
         if rows % rl.rollout_micro_batch_size:
             raise UserError(f"{rows} rollouts per DP rank (prompts_per_step/DP x group_size) are not divisible by "
                             f"method.rollout_micro_batch_size={rl.rollout_micro_batch_size}", "pick a divisor")
+        K, prompts = rl.ppo_mini_batches, rl.prompts_per_step // dp
+        if prompts % K or (prompts // K * rl.group_size) % rl.rollout_micro_batch_size:
+            raise UserError(f"{prompts} prompts per DP rank do not split into method.ppo_mini_batches={K} mini-batches of whole "
+                            f"rollout micro-batches (method.rollout_micro_batch_size={rl.rollout_micro_batch_size})",
+                            "make prompts_per_step/DP a multiple of ppo_mini_batches, and prompts/ppo_mini_batches x "
+                            "group_size a multiple of rollout_micro_batch_size")
+        corpus = cfg.train.global_batch_tokens // cfg.data.seq_length // (cfg.train.micro_batch_size * dp)
+        if rl.name == "rmt" and corpus % K:
+            raise UserError(f"the {corpus} corpus micro-batches per DP rank (RMT's NTP term) do not split into "
+                            f"method.ppo_mini_batches={K} mini-batches",
+                            "make the global batch / (train.micro_batch_size x DP) a multiple of ppo_mini_batches")
         if rl.name == "rmt":
             _, prefixes, _ = sources
             if len(rl.entropy_dirs) != len(prefixes):

@@ -41,9 +41,11 @@ def rollout_micro_batches(prompts, responses, advantages, group_size: int, micro
 
 def attach_rollout_inputs(batches: list[dict], old: list, ref: list, agg_normalizer: float, drgrpo_constant: float) -> None:
     """Add what :class:`~megatron_midtrain.rl.losses.GRPOLoss` reads to each rollout micro-batch: the old
-    (and reference) log-probs of the last stage, the global aggregation normaliser and Dr.GRPO's constant."""
+    (and reference) log-probs of the last stage (None: none), the global aggregation normaliser and
+    Dr.GRPO's constant."""
     for b, o, r in zip(batches, old, ref):
-        b["old_logprobs"] = o if o is not None else torch.zeros_like(b["loss_mask"])
+        if o is not None:  # None: on-policy (one update), or not the last pipeline stage
+            b["old_logprobs"] = o
         if r is not None:
             b["ref_logprobs"] = r
         b["agg_normalizer"] = torch.tensor(agg_normalizer, dtype=torch.float64)

@@ -7,11 +7,17 @@ One optimizer step, in the style of NeMo-Aligner / NeMo-RL but inside the traini
 2. **rollouts**: G responses per prompt by KV-cache generation on the policy itself, under the
    training TP/PP layout (:func:`megatron_midtrain.rl.generation.generate`);
 3. **rewards** and group-normalised **advantages**;
-4. **old log-probs** recomputed by the forward-only pass (generation numerics differ from the
-   training forward, so ratios start from the training numerics), and the KL reference's;
-5. **update**: the schedule runs the corpus micro-batches (λ·NTP outside Φ_RL) and the rollout
-   micro-batches (clipped GRPO loss) into the same gradient buffers; each loss is already
-   divided by its global normaliser, so the gradients are summed over DP once at the end.
+4. **old log-probs** recorded by the forward-only pass when there are several updates
+   (generation numerics differ from the training forward, so ratios start from the training
+   numerics), and the KL reference's;
+5. **updates**: ``ppo_epochs`` passes over ``ppo_mini_batches`` contiguous mini-batches of the
+   rollout batch (and of RMT's corpus micro-batches), one optimizer step each (verl's
+   ``ppo_mini_batch_size``/``ppo_epochs``): the schedule runs the corpus micro-batches
+   (λ·NTP outside Φ_RL) and the rollout micro-batches (clipped GRPO loss) into the same gradient
+   buffers; each loss is already divided by its mini-batch's global normaliser, so the gradients
+   are summed over DP once per update. With a single update the old log-probs are the detached
+   current ones (ratio 1, no recompute); with more they are recorded before the first update,
+   so later mini-batches see ratios ≠ 1 and the clip acts.
 """
 
 from __future__ import annotations
@@ -46,6 +52,20 @@ def gather_dp(values: list) -> list:
     return [v for part in out for v in part]
 
 
+#: Statistics whose per-update values are also logged (``rl/u<k>/<name>``) with several updates.
+PER_UPDATE = ("rl/ratio_mean", "rl/clip_frac", "rl/clip_frac_low", "rl/clip_frac_high", "rl/approx_kl_old")
+
+
+def _mean_reports(reports: list[dict]) -> dict:
+    """The mean of each statistic over a step's updates; with several, also each update's own values."""
+    if len(reports) == 1:
+        return reports[0]
+    out = {key: sum(r[key] for r in reports) / len(reports) for key in reports[0]}
+    for i, r in enumerate(reports, 1):
+        out.update({f"rl/u{i}/{key[3:]}": r[key] for key in PER_UPDATE if key in r})
+    return out
+
+
 class PolicyRollouts:
     """The rollout source: KV-cache sampling on the policy's own stage (any TP/PP).
 
@@ -69,6 +89,7 @@ class RolloutStep:
         rl = trainer.cfg.method
         self.cfg, self.rl, self.method = trainer.cfg, rl, method
         self.model, self.device, self.layout = trainer.model, trainer.device, trainer.layout
+        self.zero_grad, self.optimizer_step = trainer.zero_grad, trainer.optimizer_step
         self.batches = trainer.train_batches
         self.tokenizer = trainer.data.tokenizer
         self.prompts_per_rank = rl.prompts_per_step // trainer.layout.dp
@@ -144,35 +165,65 @@ class RolloutStep:
             len_rewards.append(r_len)
         advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float64), G, no_std=rl.no_std)
 
-        # 4. rollout micro-batches, old (and reference) log-probs
+        # 4. mini-batches of rollout micro-batches, old (and reference) log-probs
         train_start = time.perf_counter()
-        batches = rollout_micro_batches(prompts, gen.responses, advantages, G, rl.rollout_micro_batch_size, self.tokenizer.eod)
-        rollout_len = batches[0]["tokens"].shape[1]
-        old = self.rollout_logprobs(self.model, batches)
-        ref = self.rollout_logprobs(self.kl_reference.model, batches) if self.kl_reference is not None else [None] * len(batches)
+        K = rl.ppo_mini_batches
+        # Mini-batch k holds the prompts i with i = k (mod K), each with its G rollouts: as every DP
+        # rank holds a contiguous block of P prompts (P a multiple of K), that is the same split of
+        # the global batch at any DP size, so the updates do not depend on the layout.
+        parts = []
+        for k in range(K):
+            idx = list(range(k, len(prompts), K))
+            parts.append(rollout_micro_batches([prompts[i] for i in idx], [gen.responses[i * G + j] for i in idx for j in range(G)],
+                                               advantages.reshape(-1, G)[idx].reshape(-1), G, rl.rollout_micro_batch_size,
+                                               self.tokenizer.eod))
+        rollout_len = max(part[0]["tokens"].shape[1] for part in parts)
+        # One update: on-policy, the ratio is 1 by construction, so nothing is recomputed (the
+        # loss uses the detached current log-probs). More: the rollout policy's log-probs are
+        # recorded once, before the first update changes the weights.
+        old = [self.rollout_logprobs(self.model, part) if rl.updates_per_step > 1 else [None] * len(part) for part in parts]
+        ref = [self.rollout_logprobs(self.kl_reference.model, part) if self.kl_reference is not None else [None] * len(part)
+               for part in parts]
+        corpus_parts = ([list(zip(corpus, rl_masks))[k::K] for k in range(K)] if corpus is not None else [None] * K)
 
-        # global normalisers: GRPO aggregation units and the NTP token count
-        local = torch.tensor([float(sum(aggregation_units(b["loss_mask"], rl.loss_agg) for b in batches)), 0.0, float(len(gen.responses))],
-                             dtype=torch.float64)
-        if corpus is not None:
-            local[1] = float(sum(((b["loss_mask"] > 0) & ~m).sum() for b, m in zip(corpus, rl_masks)))
+        # global normalisers of each mini-batch: GRPO aggregation units and the NTP token count
+        local = torch.zeros(2 * K + 1, dtype=torch.float64)
+        for k, part in enumerate(parts):
+            local[k] = float(sum(aggregation_units(b["loss_mask"], rl.loss_agg) for b in part))
+            if corpus_parts[k] is not None:
+                local[K + k] = float(sum(((b["loss_mask"] > 0) & ~m).sum() for b, m in corpus_parts[k]))
+        local[2 * K] = float(len(gen.responses))
         if self.layout.dp > 1:
             local = local.to(self.device)
             dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
             local = local.cpu()
-        agg_norm, ntp_norm = max(local[0].item(), 1.0), max(local[1].item(), 1.0)
-        attach_rollout_inputs(batches, old, ref, agg_norm, float(rl.max_new_tokens_at(step)))
+        for k, part in enumerate(parts):
+            attach_rollout_inputs(part, old[k], ref[k], max(local[k].item(), 1.0), float(rl.max_new_tokens_at(step)))
+            if corpus_parts[k] is not None:
+                attach_ntp_inputs([b for b, _ in corpus_parts[k]], [m for _, m in corpus_parts[k]], max(local[K + k].item(), 1.0))
 
-        # 5. update: corpus NTP term + GRPO term into the same gradient buffers, one DP reduction
-        report = {}
-        if corpus is not None and self.method.ntp_weight > 0:
-            attach_ntp_inputs(corpus, rl_masks, ntp_norm)
-            ntp = self._schedule(corpus, self.method, self.cfg.data.seq_length, self.cfg.train.micro_batch_size)
-            report.update({k: v for k, v in ntp.items() if k != "loss"})
-        grpo = self._schedule(batches, self.grpo_loss, rollout_len, rl.rollout_micro_batch_size)
-        report.update({k: v for k, v in grpo.items() if k != "loss"})
-        finalize_gradients(self.model, None)  # DP sum: the losses are globally normalised
-        loss = report.get("rl/rl_loss", float("nan")) + self.method.ntp_weight * report.get("rl/ntp_loss", 0.0)
+        # 5. updates: ppo_epochs passes over the K mini-batches, one optimizer step each; in each,
+        # the corpus NTP term and the GRPO term go into the same gradient buffers, one DP reduction
+        losses, updates, reports = [], [], []
+        for epoch in range(rl.ppo_epochs):
+            for k, part in enumerate(parts):
+                if epoch or k:
+                    self.zero_grad()
+                report = {}
+                if corpus_parts[k] is not None and self.method.ntp_weight > 0:
+                    ntp = self._schedule([b for b, _ in corpus_parts[k]], self.method, self.cfg.data.seq_length,
+                                         self.cfg.train.micro_batch_size)
+                    report.update({key: v for key, v in ntp.items() if key != "loss"})
+                grpo = self._schedule(part, self.grpo_loss, part[0]["tokens"].shape[1], rl.rollout_micro_batch_size)
+                report.update({key: v for key, v in grpo.items() if key != "loss"})
+                finalize_gradients(self.model, None)  # DP sum: the losses are globally normalised
+                loss = report.get("rl/rl_loss", float("nan")) + self.method.ntp_weight * report.get("rl/ntp_loss", 0.0)
+                updates.append(self.optimizer_step(loss))
+                losses.append(loss)
+                reports.append(report)
+        report = _mean_reports(reports)
+        rows_tokens = sum(len(b["tokens"]) * b["tokens"].shape[1] for part in parts for b in part)
+        loss = sum(losses) / len(losses)
         self._timing = {"start": start, "train_start": train_start}
 
         # rollout statistics over every DP rank
@@ -197,7 +248,7 @@ class RolloutStep:
         if "rl/budget" in metrics:
             metrics["rl/len_over_budget"] = float(all_len.mean() / metrics["rl/budget"])
         metrics.update(report)
-        return StepResult(loss=loss, metrics=metrics, tokens=gen_tokens + local[2].item() * rollout_len)
+        return StepResult(loss=loss, metrics=metrics, tokens=gen_tokens + rows_tokens, updates=updates)
 
     def finish_record(self, record: dict) -> None:
         """Training time of the step (old log-probs to optimizer step) and generation's share."""

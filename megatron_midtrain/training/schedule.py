@@ -1,6 +1,9 @@
 """Learning-rate schedules: megatron-core's OptimizerParamScheduler, configured from ScheduleConfig.
 
-cosine   warmup, then cosine decay from optimizer.lr to optimizer.min_lr at train.max_steps
+The schedule counts optimizer updates: ``train.max_steps`` of them, except for mini-batch GRPO,
+which takes ``method.ppo_epochs * method.ppo_mini_batches`` updates per step.
+
+cosine   warmup, then cosine decay from optimizer.lr to optimizer.min_lr at the last update
 wsd      warmup, constant ("stable") stage, then a decay stage over the last
          wsd_decay_fraction of the steps (OctoThinker's two-stage mid-training)
 linear   warmup, then linear decay to min_lr
@@ -14,9 +17,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 _STYLES = {"cosine": "cosine", "wsd": "WSD", "constant": "constant", "linear": "linear"}
 
 
+def optimizer_steps(cfg) -> int:
+    """Optimizer updates of the whole run: ``train.max_steps`` times the updates per step
+    (mini-batch GRPO takes ``ppo_epochs * ppo_mini_batches`` per rollout batch, the rest one)."""
+    return cfg.train.max_steps * getattr(cfg.method, "updates_per_step", 1)
+
+
 def build_lr_scheduler(optimizer, cfg) -> OptimizerParamScheduler:
+    """The schedule over optimizer updates (``schedule.warmup_steps`` counts updates too)."""
     sched, opt = cfg.schedule, cfg.optimizer
-    total = cfg.train.max_steps
+    total = optimizer_steps(cfg)
     warmup = min(sched.warmup_steps, total - 1) if total > 1 else 0
     wsd = sched.name == "wsd"
     return OptimizerParamScheduler(

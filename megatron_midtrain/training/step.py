@@ -16,6 +16,10 @@ class StepResult:
     """Method statistics to log (``remit/...``, ``rl/...``)."""
     tokens: float = 0.0
     """Tokens processed, for ``tokens_per_s``."""
+    updates: list | None = None
+    """``[(skipped, grad_norm), ...]`` when the step took its optimizer updates itself (mini-batch
+    GRPO: several per rollout batch, through ``trainer.optimizer_step``); None: the trainer takes
+    one update of the gradients the step left in the buffers."""
 
 
 class Step(Protocol):

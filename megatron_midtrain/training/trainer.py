@@ -92,36 +92,45 @@ class Trainer:
                            parallel_state.get_data_parallel_rank(), self.layout.dp)
 
     # ------------------------------------------------------------------ one step
-    def forward_backward(self, step: int) -> StepResult:
-        """Zero the gradient buffers and run the method's step (gradients reduced over DP)."""
+    def zero_grad(self) -> None:
+        """Zero megatron's gradient buffers (and the optimizer's fp32 main grads)."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+
+    def forward_backward(self, step: int) -> StepResult:
+        """Zero the gradient buffers and run the method's step (gradients reduced over DP)."""
+        self.zero_grad()
         return self.method_step.forward_backward(step)
 
-    def optimizer_step(self, step: int, loss: float) -> tuple[bool, float]:
-        """Step the optimizer unless the loss is non-finite; ``(skipped, grad_norm)``.
-        The LR schedule advances even on a skipped step, so the LR stays a function of the step."""
+    def optimizer_step(self, loss: float) -> tuple[bool, float]:
+        """One optimizer update of the gradients in the buffers, unless ``loss`` is non-finite;
+        ``(skipped, grad_norm)``. The LR schedule counts optimizer updates and advances even on a
+        skipped one, so the LR stays a function of the update count."""
         skipped = not math.isfinite(loss)
         grad_norm = float("nan")
         if not skipped:
             ok, grad_norm, _ = self.optimizer.step()
             skipped = not ok
         self.scheduler.step(increment=1)
-        self.step = step
-        return skipped, grad_norm
+        return skipped, float(grad_norm) if grad_norm is not None else float("nan")
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics record."""
         step = self.step + 1
         start = time.perf_counter()
         result = self.forward_backward(step)
-        skipped, grad_norm = self.optimizer_step(step, result.loss)
+        if result.updates is None:
+            skipped, grad_norm = self.optimizer_step(result.loss)
+        else:  # the step took its own updates: any skipped one marks the step, the norm is their mean
+            skipped = any(s for s, _ in result.updates)
+            grad_norm = sum(g for _, g in result.updates) / len(result.updates)
+        self.step = step
         elapsed = time.perf_counter() - start
         record = {
             "step": step,
             "loss": result.loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "tokens_per_s": result.tokens / elapsed,
             "consumed_tokens": step * self.cfg.train.global_batch_tokens,
             "step_time_s": elapsed,
