@@ -256,7 +256,8 @@ class GRPOMethodConfig(RLMethodConfig):
     name: str = "grpo"
     """Verifiable-task GRPO post-training: prompts with known answers, exact-match reward."""
     task_file: Optional[str] = None
-    """JSONL of {"prompt", "answer"} training problems. None = the demo corpus's arithmetic problems."""
+    """JSONL of {"prompt", "answer"} training problems (an answer holding "####", e.g. GSM8K's full
+    solution, is graded by the text after its last "####"). None = the demo corpus's arithmetic problems."""
     eval_file: Optional[str] = None
     """JSONL of held-out {"prompt", "answer"} problems for greedy accuracy. None = the demo's held-out set."""
     eval_problems: int = 200
