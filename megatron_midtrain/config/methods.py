@@ -8,7 +8,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from megatron_midtrain.config.rl_rules import (AGG_MODES, DEFAULT_DISTRIBUTIONS, PROMPT_ANSWER_FORMATS, canonical_agg, check_curriculum,
+from megatron_midtrain.config.rl_rules import (AGG_MODES, ANSWER_NORMALIZE_MODES, DEFAULT_DISTRIBUTIONS, PROMPT_ANSWER_FORMATS,
+                                              answer_regex_problem, canonical_agg, check_curriculum, template_fields,
                                               validate_template)
 from megatron_midtrain.errors import UserError
 
@@ -105,9 +106,20 @@ class RLMethodConfig(MethodConfig):
     stop_at_eos: bool = True
     """A response ends at the tokenizer's EOS/EOD token (kept in the response)."""
     answer_format: str = "answer_tag"
-    """Where the answer is read: answer_tag (<answer>…</answer>), boxed (\\boxed{…}),
-    answer_is ("The answer is …", the demo arithmetic) or plain (the whole response, for base
-    models that have never seen an answer format, e.g. the CPU demo)."""
+    """Where the answer is read (the last occurrence counts): answer_tag (<answer>…</answer>),
+    boxed (\\boxed{…}), answer_is ("The answer is …", the demo arithmetic), plain (the whole
+    response, for base models that have never seen an answer format, e.g. the CPU demo), gsm8k
+    (the rest of the line after the last "####") or regex (group 1 of the last match of
+    answer_regex). A reference answer holding "####" (a GSM8K solution) is graded by the text
+    after its last "####", whatever the format."""
+    answer_regex: Optional[str] = None
+    """answer_format=regex only: a Python regex with at least one capture group; the answer is
+    group 1 of its LAST match in the response (no match: missing). Inline flags such as (?i)."""
+    answer_normalize: str = "none"
+    """method=grpo: how answers compare. none (default): the exact-match comparison as before
+    (whitespace, $ and commas dropped, then numerals by exact value, else the string); numeric:
+    strip whitespace, a trailing ".", a leading "$" and "," thousands separators, then numbers
+    compare by exact value (1,000 = 1000, $5 = 5, 5.0 = 5, -3 = -3.00), other text as strings."""
     missing_penalty: float = -1.0
     """Correctness reward of a response without a parseable answer (missing tag)."""
     empty_penalty: float = -1.0
@@ -160,7 +172,21 @@ class RLMethodConfig(MethodConfig):
             raise UserError("method.max_new_tokens_steps must be increasing with positive max_new_tokens_values",
                             "e.g. method.max_new_tokens_steps=[100,200] method.max_new_tokens_values=[2048,4096]")
         if self.answer_format not in PROMPT_ANSWER_FORMATS:
-            raise UserError(f"method.answer_format={self.answer_format!r} is unknown", "use answer_tag, boxed, answer_is or plain")
+            raise UserError(f"method.answer_format={self.answer_format!r} is unknown", f"use one of {', '.join(PROMPT_ANSWER_FORMATS)}")
+        if self.answer_format == "regex" and not self.answer_regex:
+            raise UserError("method.answer_format=regex needs method.answer_regex",
+                            "e.g. method.answer_regex='Final answer: *(\\S+)' (group 1 is the answer)")
+        if self.answer_format != "regex" and self.answer_regex is not None:
+            raise UserError(f"method.answer_regex is set but method.answer_format={self.answer_format}",
+                            "set method.answer_format=regex, or drop method.answer_regex")
+        if self.answer_format == "regex":
+            problem = answer_regex_problem(self.answer_regex)
+            if problem:
+                raise UserError(f"method.answer_regex={self.answer_regex!r} {problem}",
+                                "give a Python regex whose first group (...) captures the answer, e.g. 'Answer: *(\\S+)'")
+        if self.answer_normalize not in ANSWER_NORMALIZE_MODES:
+            raise UserError(f"method.answer_normalize={self.answer_normalize!r} is unknown",
+                            f"use one of {', '.join(ANSWER_NORMALIZE_MODES)}")
         if not (0.0 <= self.eps_low < 1.0 and self.eps_high >= 0.0):
             raise UserError(f"method.eps_low={self.eps_low}, eps_high={self.eps_high} out of range", "e.g. eps_low=0.2 eps_high=0.28")
         if self.kl_clamp < 0:
@@ -242,6 +268,12 @@ class RMTMethodConfig(RLMethodConfig):
             raise UserError(f"method.reward_combine={self.reward_combine!r} is unknown", "use sum, weighted or product")
         if not 1 <= self.min_context_tokens <= self.context_tokens:
             raise UserError("method.min_context_tokens must be in [1, method.context_tokens]", "lower method.min_context_tokens")
+        if self.answer_normalize != "none":
+            raise UserError(f"method.answer_normalize={self.answer_normalize} does not apply to method=rmt "
+                            "(a next-token prediction is graded by byte prefix match)", "drop method.answer_normalize")
+        if self.answer_format == "regex" and "answer_hint" in template_fields(self.prompt_template):
+            raise UserError("method.answer_format=regex has no {answer_hint} for method.prompt_template",
+                            "write the answer instructions into method.prompt_template instead of {answer_hint}")
 
 
 @dataclass
@@ -249,7 +281,8 @@ class GRPOMethodConfig(RLMethodConfig):
     name: str = "grpo"
     """Verifiable-task GRPO post-training: prompts with known answers, exact-match reward."""
     task_file: Optional[str] = None
-    """JSONL of {"prompt", "answer"} training problems. None = the demo corpus's arithmetic problems."""
+    """JSONL of {"prompt", "answer"} training problems (an answer holding "####", e.g. GSM8K's full
+    solution, is graded by the text after its last "####"). None = the demo corpus's arithmetic problems."""
     eval_file: Optional[str] = None
     """JSONL of held-out {"prompt", "answer"} problems for greedy accuracy. None = the demo's held-out set."""
     eval_problems: int = 200

@@ -7,6 +7,7 @@ method config without importing anything above ``config``; :mod:`megatron_midtra
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Sequence
 
@@ -56,8 +57,27 @@ def check_curriculum(distributions: Sequence[Sequence[float]], t1: float, t2: fl
     return tuple(normalize_distribution(d) for d in distributions)
 
 
+# ---------------------------------------------------------------------- answer formats
+#: Where a response's answer is read (``method.answer_format``; see ``rl.rewards.extract_answer``).
+PROMPT_ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is", "plain", "gsm8k", "regex")
+#: How a predicted and a reference answer are compared (``method.answer_normalize``; see
+#: ``rl.rewards.normalize_answer``).
+ANSWER_NORMALIZE_MODES = ("none", "numeric")
+
+
+def answer_regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be a ``method.answer_regex`` (it must compile and have a capture
+    group: the answer is group 1), or None when it can."""
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as err:
+        return f"does not compile ({err})"
+    if groups < 1:
+        return "has no capture group (the answer is the text of group 1)"
+    return None
+
+
 # ---------------------------------------------------------------------- RMT prompts
-PROMPT_ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is", "plain")
 _ALLOWED_FIELDS = {"context", "budget", "answer_hint"}
 
 

@@ -29,6 +29,9 @@ ANSWER_HINTS = {
     "boxed": "inside \\boxed{}, for example \\boxed{ the}",
     "answer_is": 'after "The answer is", for example The answer is the',
     "plain": "as your whole answer",
+    "gsm8k": 'on a last line starting with "####", for example #### the',
+    # regex: no hint (a pattern cannot be described generically); write the answer
+    # instructions into the template itself, without {answer_hint}
 }
 
 def build_prompt(context: str, budget: int, template: str = DEFAULT_TEMPLATE, answer_format: str = "answer_tag") -> str:
@@ -38,10 +41,13 @@ def build_prompt(context: str, budget: int, template: str = DEFAULT_TEMPLATE, an
         context: the text before the target position (decoded from the corpus tokens).
         budget: the current token budget :math:`B_t` (see :func:`megatron_midtrain.rl.budget.token_budget`).
         template: see the module docstring.
-        answer_format: ``answer_tag`` (``<answer>…</answer>``) or ``boxed`` (``\\boxed{}``);
-            selects ``{answer_hint}`` and must match the reward's extraction format.
+        answer_format: ``answer_tag`` (``<answer>…</answer>``), ``boxed`` (``\\boxed{}``), ``answer_is``,
+            ``plain``, ``gsm8k`` (``#### …``) or ``regex``; selects ``{answer_hint}`` and must match the
+            reward's extraction format (``regex`` has no hint: its template may not use ``{answer_hint}``).
     """
     if answer_format not in PROMPT_ANSWER_FORMATS:
         raise ValueError(f"answer_format={answer_format!r} is not one of {PROMPT_ANSWER_FORMATS}")
     validate_template(template)
-    return template.format(context=context, budget=int(budget), answer_hint=ANSWER_HINTS[answer_format])
+    if answer_format not in ANSWER_HINTS and "answer_hint" in template_fields(template):
+        raise ValueError(f"answer_format={answer_format!r} has no {{answer_hint}}; describe the answer format in the template")
+    return template.format(context=context, budget=int(budget), answer_hint=ANSWER_HINTS.get(answer_format, ""))

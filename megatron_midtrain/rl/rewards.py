@@ -5,15 +5,20 @@ Pure functions on Python strings/bytes/numbers (and tensors where noted):
 * :func:`length_reward` — the triangular length reward against the budget :math:`B_t`.
 * :func:`prefix_match_reward` / :func:`score_prefix_match` — the RPT prefix-match correctness
   reward on UTF-8 bytes with the token-boundary rule.
-* :func:`extract_answer` — the answer inside ``<answer>…</answer>``, ``\boxed{…}`` or after
-  "The answer is" (the demo corpus's arithmetic format).
+* :func:`extract_answer` — the answer inside ``<answer>…</answer>``, ``\boxed{…}``, after
+  "The answer is" (the demo corpus's arithmetic format), after GSM8K's ``####``, or the first
+  capture group of a user regex.
+* :func:`reference_answer` — the ground truth of a problem (the text after the last ``####`` of
+  a GSM8K-style solution, else the answer as it is).
+* :func:`normalize_answer` — the comparison key: ``none`` (default) or ``numeric``.
 * :func:`exact_match_reward` / :func:`score_exact_match` — the verifiable-task (arithmetic) reward.
 * :func:`combine_rewards` — ``sum`` (default), ``weighted`` or ``product``.
 
 Conventions (where the paper/SPEC are silent, chosen to match verl / NeMo-RL / TRL):
 
 * The **last** answer occurrence in a response counts (the model may restate or correct itself
-  while reasoning; verl's gsm8k/math scorers also take the last match).
+  while reasoning; verl's gsm8k/math scorers also take the last match). This holds for every
+  format, ``regex`` included (the first capture group of the last match).
 * A response with **no** parseable answer gets ``missing_penalty``; one whose answer is empty
   (only whitespace) gets ``empty_penalty``. A wrong answer gets 0, a correct one 1.
 """
@@ -21,14 +26,14 @@ Conventions (where the paper/SPEC are silent, chosen to match verl / NeMo-RL / T
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
-ANSWER_FORMATS = ("answer_tag", "boxed", "answer_is", "plain")
+from megatron_midtrain.rl.answers import ANSWER_FORMATS, NORMALIZE_MODES, numeric_value  # noqa: F401 (re-exported)
+from megatron_midtrain.rl.answers import extract_answer, normalize_answer, reference_answer
+
 COMBINE_MODES = ("sum", "weighted", "product")
 
 #: Default penalty for a response without a parseable answer (missing tag / unbalanced ``\boxed{``).
@@ -80,68 +85,6 @@ def length_reward(length, budget):
     if length <= 2 * budget:
         return float(2 * budget - length) / float(budget)
     return 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# Answer extraction
-# --------------------------------------------------------------------------------------------
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_IS_RE = re.compile(r"[Tt]he (?:final )?answer is[:\s]*([^\n]*)")
-_BOXED_OPENERS = ("\\boxed{", "\\fbox{")
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, else None."""
-    best = -1
-    opener_len = 0
-    for opener in _BOXED_OPENERS:
-        i = text.rfind(opener)
-        if i > best:
-            best, opener_len = i, len(opener)
-    if best < 0:
-        return None
-    depth = 1
-    start = best + opener_len
-    for j in range(start, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:j]
-    return None  # unbalanced: the answer was cut off (e.g. by the length limit)
-
-
-def extract_answer(text: str, answer_format: str = "answer_tag") -> str | None:
-    r"""The raw (unstripped) answer string of a response, or ``None`` when there is none.
-
-    * ``answer_tag``: the content of the last complete ``<answer>…</answer>`` pair. An opening
-      tag without a closing one (truncated generation) counts as missing.
-    * ``boxed``: the content of the last ``\boxed{…}`` (``\fbox{…}`` also accepted), with nested
-      braces balanced; an unbalanced one counts as missing.
-    * ``answer_is``: the rest of the line after the last "The answer is" (the demo corpus's
-      arithmetic format), with one trailing period removed.
-    * ``plain``: the whole response (for base models without an answer format).
-
-    Returns ``""``-like strings as they are: the caller distinguishes empty from missing.
-    """
-    if answer_format not in ANSWER_FORMATS:
-        raise ValueError(f"answer_format={answer_format!r} is not one of {ANSWER_FORMATS}")
-    if text is None:
-        return None
-    if answer_format == "answer_tag":
-        matches = _ANSWER_TAG_RE.findall(text)
-        return matches[-1] if matches else None
-    if answer_format == "boxed":
-        return _last_boxed(text)
-    if answer_format == "plain":
-        return text
-    matches = _ANSWER_IS_RE.findall(text)
-    if not matches:
-        return None
-    ans = matches[-1].rstrip()
-    return ans.removesuffix(".")
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +170,7 @@ def score_prefix_match(
     missing_penalty: float = DEFAULT_MISSING_PENALTY,
     empty_penalty: float = DEFAULT_EMPTY_PENALTY,
     strip_leading_whitespace: bool = True,
+    answer_regex=None,
 ) -> RewardResult:
     r"""RPT prefix-match correctness reward for one response, with its status.
 
@@ -239,11 +183,11 @@ def score_prefix_match(
             \text{missing\_penalty} & \text{no parseable answer (missing tag, unbalanced box)}
         \end{cases}
 
-    The answer is taken with :func:`extract_answer`. Trailing whitespace of the answer is
+    The answer is taken with :func:`extract_answer` (``answer_regex`` for ``regex``). Trailing whitespace of the answer is
     removed (``<answer> the </answer>`` predicts ``"the"``); leading whitespace is handled by
     :func:`prefix_match`. See :func:`prefix_match` for the byte/boundary rule.
     """
-    raw = extract_answer(response, answer_format)
+    raw = extract_answer(response, answer_format, answer_regex)
     if raw is None:
         return RewardResult(float(missing_penalty), STATUS_MISSING, None)
     pred = raw.strip() if strip_leading_whitespace else raw.rstrip()
@@ -256,43 +200,31 @@ def score_prefix_match(
 # --------------------------------------------------------------------------------------------
 # Exact-match reward (verifiable arithmetic mode)
 # --------------------------------------------------------------------------------------------
-_NUM_CLEAN_RE = re.compile(r"[,\s$]")
-
-
-def normalize_answer(ans: str) -> str:
-    r"""Canonical form for exact match: strip whitespace, ``$``, thousands separators, a trailing
-    period; numbers become their exact rational value
-    (``"4.0"`` → ``"4"``, ``"1/2"`` → ``"1/2"``, ``"0.5"`` → ``"1/2"``); anything else is compared
-    case-sensitively after whitespace collapsing."""
-    s = ans.strip().rstrip(".").strip()
-    compact = _NUM_CLEAN_RE.sub("", s)
-    try:
-        value = Fraction(compact)
-    except (ValueError, ZeroDivisionError):
-        return " ".join(s.split())
-    return str(value)
-
-
 def score_exact_match(
     response: str,
     target,
     answer_format: str = "answer_is",
     missing_penalty: float = DEFAULT_MISSING_PENALTY,
     empty_penalty: float = DEFAULT_EMPTY_PENALTY,
+    answer_regex=None,
+    normalize: str = "none",
 ) -> RewardResult:
-    """Exact-match reward on the final answer: 1 if ``normalize_answer(pred) == normalize_answer(target)``.
+    """Exact-match reward on the final answer: 1 if ``normalize_answer(pred, normalize) ==
+    normalize_answer(reference_answer(target), normalize)``, else 0.
 
-    Missing / empty answers take the penalties as in :func:`score_prefix_match`. ``target`` may
-    be a number or a string. The default format ``answer_is`` matches the demo corpus
-    ("... The answer is 29.").
+    The prediction is :func:`extract_answer` (``answer_regex`` for ``regex``), stripped; the
+    reference is :func:`reference_answer` (a GSM8K solution counts by its ``#### N``).
+    Missing / empty answers take the penalties as in :func:`score_prefix_match` (empty is
+    judged before normalisation). ``target`` may be a number or a string. The default format
+    ``answer_is`` matches the demo corpus ("... The answer is 29.").
     """
-    raw = extract_answer(response, answer_format)
+    raw = extract_answer(response, answer_format, answer_regex)
     if raw is None:
         return RewardResult(float(missing_penalty), STATUS_MISSING, None)
     pred = raw.strip()
     if not pred:
         return RewardResult(float(empty_penalty), STATUS_EMPTY, pred)
-    ok = normalize_answer(pred) == normalize_answer(str(target))
+    ok = normalize_answer(pred, normalize) == normalize_answer(reference_answer(target), normalize)
     return RewardResult(1.0 if ok else 0.0, STATUS_CORRECT if ok else STATUS_WRONG, pred)
 
 
@@ -302,9 +234,11 @@ def exact_match_reward(
     answer_format: str = "answer_is",
     missing_penalty: float = DEFAULT_MISSING_PENALTY,
     empty_penalty: float = DEFAULT_EMPTY_PENALTY,
+    answer_regex=None,
+    normalize: str = "none",
 ) -> float:
     """The float reward of :func:`score_exact_match`."""
-    return score_exact_match(response, target, answer_format, missing_penalty, empty_penalty).reward
+    return score_exact_match(response, target, answer_format, missing_penalty, empty_penalty, answer_regex, normalize).reward
 
 
 # --------------------------------------------------------------------------------------------

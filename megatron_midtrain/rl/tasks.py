@@ -21,6 +21,7 @@ import torch
 
 from megatron_midtrain.errors import UserError
 from megatron_midtrain.rl import rewards as rw
+from megatron_midtrain.rl.answers import GSM8K_MARKER, reference_answer
 from megatron_midtrain.rl.budget import token_budget
 from megatron_midtrain.rl.curriculum import curriculum_probs, sample_positions
 from megatron_midtrain.rl.prompts import build_prompt
@@ -67,11 +68,16 @@ def response_text(tokenizer, response: list[int], eos_id: int | None, stop_strin
 
 def score_next_token(text: str, prompt: Prompt, cfg) -> rw.RewardResult:
     """RPT prefix-match correctness of one response (``plain``: the whole response is the prediction)."""
-    return rw.score_prefix_match(text, prompt.target_bytes, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty)
+    return rw.score_prefix_match(text, prompt.target_bytes, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty,
+                                 answer_regex=cfg.answer_regex)
 
 
 def score_verifiable(text: str, prompt: Prompt, cfg) -> rw.RewardResult:
-    return rw.score_exact_match(text, prompt.answer, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty)
+    """Exact match of one response's final answer (``cfg.answer_format``, ``answer_regex``,
+    ``answer_normalize``) against the problem's reference; a GSM8K-style reference ("... #### 72")
+    counts by the text after its last ``####``."""
+    return rw.score_exact_match(text, prompt.answer, cfg.answer_format, cfg.missing_penalty, cfg.empty_penalty,
+                                answer_regex=cfg.answer_regex, normalize=cfg.answer_normalize)
 
 
 def rl_masks_from_positions(shape: tuple[int, int], rows, cols, micro_batch_size: int) -> list[torch.Tensor]:
@@ -143,7 +149,11 @@ class NextTokenTask:
 
 
 def read_problems(path: str, what: str) -> list[dict]:
-    """``[{"prompt", "answer"}]`` from a JSONL file, one clear error for a bad file."""
+    """``[{"prompt", "answer"}]`` from a JSONL file, one clear error for a bad file.
+
+    Answers are kept as written; an answer holding ``####`` (a GSM8K solution) is graded by the
+    text after its last ``####`` (:func:`~megatron_midtrain.rl.answers.reference_answer`), and is
+    refused when nothing follows it."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist", f"set {what} to a JSONL file of {{\"prompt\", \"answer\"}} lines")
     rows = []
@@ -157,6 +167,9 @@ def read_problems(path: str, what: str) -> list[dict]:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise UserError(f"{what} {path}: line {n} is not a JSON object with \"prompt\" and \"answer\" ({err})",
                                 "fix that line") from None
+            if GSM8K_MARKER in rows[-1]["answer"] and not reference_answer(rows[-1]["answer"]):
+                raise UserError(f"{what} {path}: line {n}'s answer has nothing after its last {GSM8K_MARKER}",
+                                f"end the answer with '{GSM8K_MARKER} <final answer>' as GSM8K does")
     if not rows:
         raise UserError(f"{what} {path} has no problems", "give at least one {\"prompt\", \"answer\"} line")
     return rows
