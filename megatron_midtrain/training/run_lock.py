@@ -182,7 +182,7 @@ class RunLock:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create run.dir {run_dir}: {err.strerror}", "choose a writable run.dir") from None
-        lock, warning = cls(run_dir, stale_s, created), None
+        lock, warning, unreadable = cls(run_dir, stale_s, created), None, 0
         for _ in range(20):
             if lock._create():
                 lock._start_heartbeat()
@@ -196,9 +196,11 @@ class RunLock:
                 info = json.loads(text) if text else None
             except json.JSONDecodeError:
                 info = None
-            if info is None and time.time() - st.st_mtime < 5:
-                time.sleep(0.5)  # the O_EXCL fallback writes the JSON after creating the file
-                continue
+            if not isinstance(info, dict):
+                info, unreadable = None, unreadable + 1
+                if unreadable <= 4:
+                    time.sleep(0.5)  # the O_EXCL fallback writes the JSON just after creating the file
+                    continue
             alive, reason = lock._judge(st, info)
             if alive:
                 raise UserError(
