@@ -9,7 +9,8 @@ from megatron_midtrain.training.runtime import log0
 
 class MetricsFile(Callback):
     """One JSON object per step in ``<run dir>/metrics.jsonl`` (and TensorBoard scalars with
-    ``run.tensorboard``). On resume the file is cut back to the resumed step first."""
+    ``run.tensorboard``). On resume the file is cut back to the resumed step first, under the
+    run dir's lock (``trainer.run_lock``, which the writer checks)."""
 
     def __init__(self, tensorboard: bool):
         self.tensorboard = tensorboard
@@ -17,7 +18,7 @@ class MetricsFile(Callback):
 
     def on_train_start(self, trainer) -> None:
         if trainer.rank0 and self.writer is None:
-            self.writer = MetricsWriter(trainer.run_dir, trainer.step, self.tensorboard)
+            self.writer = MetricsWriter(trainer.run_dir, trainer.step, self.tensorboard, lock=trainer.run_lock)
 
     def on_step_end(self, trainer, record: dict) -> None:
         if self.writer is not None:

@@ -84,7 +84,11 @@ class RunConfig:
     dir: Optional[str] = None
     """Run directory (config.yaml, metrics.jsonl, checkpoints, plots). Re-using a
     directory resumes it. Default: ``runs/<name>-<UTC timestamp>``, chosen by rank 0
-    and broadcast, so every rank agrees."""
+    and broadcast, so every rank agrees. One live run per directory (``<dir>/run.lock``)."""
+    lock_stale_s: float = 600.0
+    """A ``run.lock`` written on another host counts as left by a dead run once its heartbeat
+    (refreshed every min(30 s, this / 4)) is older than this, and is taken over. Same-host
+    locks are checked by pid and flock instead."""
     name: str = "midtrain"
     """Short run name, used in the default run directory."""
     seed: int = 1234

@@ -2,7 +2,9 @@
 
 Only rank 0 constructs a :class:`MetricsWriter`. On resume the file is cut back to
 the steps covered by the checkpoint, so a run killed after its last save and
-resumed never shows a step twice or skips one.
+resumed never shows a step twice or skips one. That cut happens only under the run dir's lock
+(training/run_lock.py): the writer is given the lock and checks it is held, so a second launch
+on a live run can never truncate the live run's metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import time
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool = False):
+    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool = False, *, lock):
+        """``lock``: the run dir's :class:`~megatron_midtrain.training.run_lock.RunLock`, held by this process."""
+        if lock is None:
+            raise ValueError(f"MetricsWriter({run_dir!r}) needs the run dir's lock: only its holder may cut metrics.jsonl")
+        lock.ensure_held()
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._truncate_after(resume_step)
         self._fh = open(self.path, "a")

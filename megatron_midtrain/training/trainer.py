@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 
 from megatron_midtrain.callbacks import default_callbacks
 from megatron_midtrain.callbacks.base import Callback
+from megatron_midtrain.callbacks.run_lock import RunLockGuard
 from megatron_midtrain.data.tokenizer import tokenizer_fingerprint
 from megatron_midtrain.errors import UserError
 from megatron_midtrain.losses import build_method
@@ -30,6 +31,7 @@ from megatron_midtrain.training.components import build_optimizer, build_policy,
 from megatron_midtrain.training.corpus_step import CorpusStep
 from megatron_midtrain.training.data import StepBatches, build_data, prepare_sources
 from megatron_midtrain.training.distributed import init_distributed, shutdown
+from megatron_midtrain.training.run_lock import acquire_run_lock
 from megatron_midtrain.training.step import Step, StepResult
 from megatron_midtrain.training.runtime import default_device, log0, param_dtype, seed_everything
 
@@ -43,6 +45,19 @@ class Trainer:
         self.layout = init_distributed(cfg)
         self.rank0 = self.layout.rank == 0
         self.run_dir = rundir.choose_run_dir(cfg, self.rank0)
+        # One live process per run dir: rank 0 takes <run dir>/run.lock before anything is
+        # written there (every writer runs inside the Trainer's lifetime, so all sit behind it);
+        # a run dir in use is refused on every rank. close() releases it.
+        self.run_lock = acquire_run_lock(self.run_dir, cfg.run.lock_stale_s, self.rank0)
+        self.lock_lost = False
+        try:
+            self._build(cfg, callbacks)
+        except BaseException:
+            if self.run_lock is not None:  # a failed start: no lock left, no empty run dir created
+                self.run_lock.release(remove_created_dirs=True)
+            raise
+
+    def _build(self, cfg, callbacks: list[Callback] | None) -> None:
         seed_everything(cfg.run.seed)
         self.dtype = param_dtype(cfg)
         self.device = default_device()
@@ -59,7 +74,8 @@ class Trainer:
         if hasattr(self.method, "check_inputs"):
             self.method.check_inputs(cfg, self.layout, sources, self.tokenizer_id)
         method_callbacks = self.method.callbacks(cfg) if hasattr(self.method, "callbacks") else []
-        self.callbacks = list(callbacks or []) + default_callbacks(cfg, method_callbacks)
+        # The lock guard first: a run that lost its lock stops before any writer sees the step.
+        self.callbacks = [RunLockGuard()] + list(callbacks or []) + default_callbacks(cfg, method_callbacks)
         self.model, self.transformer_config = build_policy(cfg, self.dtype, self.layout)
         self.reference = build_reference(cfg, self.method, self.tokenizer_id, self.dtype, self.global_batch_size)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.transformer_config, self.dtype)
@@ -178,8 +194,13 @@ class Trainer:
         """Flush outputs and tear down torch.distributed, unless another Trainer follows in
         this process (demo model stages): re-creating gloo groups right after destroying
         them races between ranks and can fail with "connection refused"."""
-        ckpt.finalize_async_saves()  # needs the process groups: before any teardown
-        for callback in self.callbacks:
-            callback.close(self)
+        try:
+            if not self.lock_lost:  # another run owns the run dir now: publish nothing there
+                ckpt.finalize_async_saves()  # needs the process groups: before any teardown
+            for callback in self.callbacks:
+                callback.close(self)
+        finally:
+            if self.run_lock is not None:  # also after an error; only while it is still ours
+                self.run_lock.release()
         if not keep_distributed:
             shutdown()
