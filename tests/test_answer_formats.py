@@ -13,7 +13,6 @@ from megatron_midtrain.rl.rewards import (
     STATUS_EMPTY,
     STATUS_MISSING,
     STATUS_WRONG,
-    exact_match_reward,
     extract_answer,
     normalize_answer,
     numeric_value,
@@ -83,7 +82,7 @@ def test_gsm8k_grading_and_penalties():
         assert grade("#### $5.", "5", normalize).correct
         assert grade("#### 72.0", "#### 72", normalize).correct
         assert grade("#### 3\n#### 4", "4", normalize).correct and not grade("#### 3\n#### 4", "3", normalize).correct
-    assert exact_match_reward("#### 72", 72, answer_format="gsm8k", normalize="numeric") == 1.0
+    assert score_exact_match("#### 72", 72, answer_format="gsm8k", normalize="numeric").reward == 1.0
 
 
 # ---------------------------------------------------------------------------------- regex

@@ -22,8 +22,8 @@ from megatron_midtrain.rl.grpo import (
 )
 from megatron_midtrain.rl.prompts import build_prompt
 from megatron_midtrain.rl.rewards import (
+    score_exact_match,
     combine_rewards,
-    exact_match_reward,
     extract_answer,
     length_reward,
     prefix_match,
@@ -149,13 +149,13 @@ def test_extract_answer():
 
 def test_exact_match_reward():
     resp = "Step 1: 3 * 12 = 36. Step 2: 36 - 7 = 29. The answer is 29."
-    assert exact_match_reward(resp, 29) == 1.0
-    assert exact_match_reward(resp, "29") == 1.0
-    assert exact_match_reward(resp, 30) == 0.0
-    assert exact_match_reward("The answer is 1,000.", 1000) == 1.0
-    assert exact_match_reward("The answer is 4.0", 4) == 1.0
-    assert exact_match_reward("I don't know", 4, missing_penalty=-1.0) == -1.0
-    assert exact_match_reward("<answer>-3</answer>", -3, answer_format="answer_tag") == 1.0
+    assert score_exact_match(resp, 29).reward == 1.0
+    assert score_exact_match(resp, "29").reward == 1.0
+    assert score_exact_match(resp, 30).reward == 0.0
+    assert score_exact_match("The answer is 1,000.", 1000).reward == 1.0
+    assert score_exact_match("The answer is 4.0", 4).reward == 1.0
+    assert score_exact_match("I don't know", 4, missing_penalty=-1.0).reward == -1.0
+    assert score_exact_match("<answer>-3</answer>", -3, answer_format="answer_tag").reward == 1.0
 
 
 def test_combine_rewards():

@@ -11,7 +11,7 @@ Pure functions on Python strings/bytes/numbers (and tensors where noted):
 * :func:`reference_answer` — the ground truth of a problem (the text after the last ``####`` of
   a GSM8K-style solution, else the answer as it is).
 * :func:`normalize_answer` — the comparison key: ``none`` (default) or ``numeric``.
-* :func:`exact_match_reward` / :func:`score_exact_match` — the verifiable-task (arithmetic) reward.
+* :func:`score_exact_match` — the verifiable-task (arithmetic) reward (``.reward`` is the float).
 * :func:`combine_rewards` — ``sum`` (default), ``weighted`` or ``product``.
 
 Conventions (where the paper/SPEC are silent, chosen to match verl / NeMo-RL / TRL):
@@ -226,19 +226,6 @@ def score_exact_match(
         return RewardResult(float(empty_penalty), STATUS_EMPTY, pred)
     ok = normalize_answer(pred, normalize) == normalize_answer(reference_answer(target), normalize)
     return RewardResult(1.0 if ok else 0.0, STATUS_CORRECT if ok else STATUS_WRONG, pred)
-
-
-def exact_match_reward(
-    response: str,
-    target,
-    answer_format: str = "answer_is",
-    missing_penalty: float = DEFAULT_MISSING_PENALTY,
-    empty_penalty: float = DEFAULT_EMPTY_PENALTY,
-    answer_regex=None,
-    normalize: str = "none",
-) -> float:
-    """The float reward of :func:`score_exact_match`."""
-    return score_exact_match(response, target, answer_format, missing_penalty, empty_penalty, answer_regex, normalize).reward
 
 
 # --------------------------------------------------------------------------------------------
