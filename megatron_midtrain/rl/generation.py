@@ -219,16 +219,39 @@ def _sequence_parallel_off(model) -> list:
     return saved
 
 
-def _finished(params: SamplingParams, response: list[int], detokenize) -> Optional[str]:
-    if params.eos_id is not None and response[-1] == params.eos_id:
-        return "eos"
-    if params.stop_strings:
-        text = detokenize(response)
-        if any(stop in text for stop in params.stop_strings):
-            return "stop"
-    if len(response) >= params.max_new_tokens:
-        return "length"
-    return None
+class _StopScan:
+    """Incremental stop-string check, one object per batch (host side).
+
+    Re-decoding a row's whole response after every token (as a plain ``stop in
+    detokenize(response)`` does) costs O(n) per token, O(n^2) per row. Instead, after each token
+    only the last :attr:`window` tokens are decoded: a stop string of B UTF-8 bytes completed by
+    the newest token spans at most B tokens when every token decodes to at least one byte, and
+    the window keeps 8 more tokens of left context (decoders that treat the first token
+    specially, e.g. SentencePiece's leading space, or a multi-byte character cut at the window
+    start, only ever affect that context). A hit in the window is confirmed on the full response
+    once (no false positives), so the result is ``stop in detokenize(response[:n])`` at the first
+    such ``n``, as before, for any stop string that spans at most ``window - 8`` tokens.
+    """
+
+    def __init__(self, stops: tuple[str, ...], detokenize):
+        self.stops, self.detokenize = stops, detokenize
+        self.window = max(len(stop.encode("utf-8")) for stop in stops) + 8
+
+    def hit(self, response: list[int]) -> bool:
+        n = len(response)
+        text = self.detokenize(response[max(0, n - self.window):])
+        if not any(stop in text for stop in self.stops):
+            return False
+        return n <= self.window or any(stop in self.detokenize(response) for stop in self.stops)
+
+
+#: Decode steps between two reads of the "every row finished" flags, at most (CUDA): the flags
+#: are read after 1, 2, 4, 8, 16 steps and then every 16, so a batch that finishes early runs at
+#: most ``min(steps, 16) - 1`` extra decode steps (their tokens are discarded; the sampling
+#: generator is rewound, see :func:`_generate_batch`), while a long generation pays one host
+#: sync per 16 tokens instead of one per token. On the CPU reading a flag costs no device
+#: sync, so it is read after every step (no extra steps).
+CHECK_EVERY_CUDA = 16
 
 
 def _attention_mask(key_pad: torch.Tensor, queries: int) -> torch.Tensor:
@@ -246,50 +269,107 @@ def _attention_mask(key_pad: torch.Tensor, queries: int) -> torch.Tensor:
 
 
 def _generate_batch(pipe: _Pipeline, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
-                    generator, detokenize, use_kv_cache: bool):
-    """One batch of prompts (left-padded to the longest) -> (responses, finish reasons)."""
+                    generator, detokenize, use_kv_cache: bool, check_every: int, rewind_generator: bool):
+    """One batch of prompts (left-padded to the longest) -> (responses, finish reasons).
+
+    The tokens stay on the device in one preallocated ``[b, prompt + max_new_tokens]`` buffer;
+    EOS is tracked on the device. The host reads the finished flags (and, with stop strings,
+    the new tokens) after 1, 2, 4, ... steps up to every ``check_every`` steps; when the batch
+    turns out to have finished before the step it has reached, the extra steps are dropped and,
+    if ``rewind_generator`` (a later batch samples from the same generator), the generator is
+    set back to its state after the last needed step, so the random stream is the one of a loop
+    that stopped exactly there.
+    """
     b, length = len(prompts), max(len(p) for p in prompts)
-    responses: list[list[int]] = [[] for _ in range(b)]
-    reasons: list[Optional[str]] = [None] * b
-    if params.max_new_tokens == 0:
-        return responses, ["length"] * b
+    max_new = params.max_new_tokens
+    if max_new == 0:
+        return [[] for _ in range(b)], ["length"] * b
     device = pipe.device
     pad = torch.tensor([length - len(p) for p in prompts], dtype=torch.long, device=device)
     padded = bool(pad.any())
+    tokens = torch.zeros(b, length + max_new, dtype=torch.long, device=device)
     # Any id serves as padding: it is masked out of every real row's attention.
-    sequence = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    tokens[:, :length] = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     # padding flags of every key position the batch can reach (generated tokens are never padding)
-    key_pad = torch.arange(length + params.max_new_tokens, device=device)[None, :] < pad[:, None]
+    key_pad = torch.arange(length + max_new, device=device)[None, :] < pad[:, None]
     context = None
     if use_kv_cache:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=length + params.max_new_tokens)
-    for step in range(params.max_new_tokens):
+        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=length + max_new)
+    eos = params.eos_id
+    scan = _StopScan(params.stop_strings, detokenize) if params.stop_strings else None
+    # device side (no stop strings): tokens kept per row, and whether the row emitted EOS
+    kept = torch.full((b,), max_new, dtype=torch.long, device=device)
+    eos_done = torch.zeros(b, dtype=torch.bool, device=device)
+    # host side (stop strings): responses so far, finish reasons
+    host_rows: list[list[int]] = [[] for _ in range(b)]
+    host_reasons: list[Optional[str]] = [None] * b
+    states = []  # generator state after each step since the last check (only when rewinding)
+    rewind = rewind_generator and generator is not None and check_every > 1
+    steps, checked, next_check, stop_at = 0, 0, 1, None
+    for step in range(max_new):
+        cur = length + step  # tokens in the sequence before this step's token
         if context is not None and step > 0:
-            inputs, start = sequence[:, -1:], length + step - 1
+            inputs, start = tokens[:, cur - 1:cur], cur - 1
+            # one query (the newest, never padding) against every key so far
+            mask = key_pad[:, None, None, :cur] if padded else None
         else:
-            inputs, start = sequence, 0
-        mask = _attention_mask(key_pad[:, :sequence.shape[1]], inputs.shape[1]) if padded else None
+            inputs, start = tokens[:, :cur], 0
+            mask = _attention_mask(key_pad[:, :cur], cur) if padded else None
         logits = pipe.forward(inputs, start, context, pad if padded else None, mask)
         if context is not None and step == 0:
             context.enable_decode_mode()
         chosen = sample_next(logits, params, vocab_size, generator) if pipe.last else None
         chosen = pipe.share(chosen, b)
-        sequence = torch.cat([sequence, chosen[:, None]], dim=1)
-        for row, token in enumerate(chosen.tolist()):
-            if reasons[row] is None:
-                responses[row].append(token)
-                reasons[row] = _finished(params, responses[row], detokenize)
-        if all(r is not None for r in reasons):
+        tokens[:, cur] = chosen
+        steps = step + 1
+        if rewind:
+            states.append(generator.get_state())
+        if scan is None and eos is not None:
+            first = (chosen == eos) & ~eos_done
+            kept = torch.where(first, steps, kept)
+            eos_done |= first
+        if steps < next_check and steps < max_new:
+            continue
+        # --- read the finished flags (one host sync) ---
+        if scan is None:
+            if eos is not None and bool(eos_done.all()):
+                stop_at = int(kept.max())
+        else:
+            block = tokens[:, length + checked:length + steps].tolist()
+            for row, new in enumerate(block):
+                response = host_rows[row]
+                for token in new:
+                    if host_reasons[row] is not None:
+                        break
+                    response.append(token)
+                    if eos is not None and token == eos:
+                        host_reasons[row] = "eos"
+                    elif scan.hit(response):
+                        host_reasons[row] = "stop"
+                    elif len(response) >= max_new:
+                        host_reasons[row] = "length"
+            if all(r is not None for r in host_reasons):
+                stop_at = max(len(r) for r in host_rows)
+        if stop_at is not None:
             break
-    return responses, reasons
+        checked, next_check, states = steps, steps + min(steps, check_every), []
+    if stop_at is not None and stop_at < steps and rewind:
+        generator.set_state(states[stop_at - checked - 1])
+    if scan is not None:
+        return host_rows, [r or "length" for r in host_reasons]
+    steps = stop_at or steps
+    rows = tokens[:, length:length + steps].tolist()
+    kept_rows, done_rows = kept.tolist(), eos_done.tolist()
+    responses = [row[:n] for row, n in zip(rows, kept_rows)]
+    return responses, ["eos" if done else "length" for done in done_rows]
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_size: int, seed: int = 0,
              detokenize: Optional[Callable[[list[int]], str]] = None, use_kv_cache: bool = True, device=None,
-             max_batch_rows: int = 64) -> GenerationResult:
+             max_batch_rows: int = 64, check_every: Optional[int] = None) -> GenerationResult:
     """Generate a response for every prompt with this rank's GPTModel stage ``model``.
 
     Collective over the model-parallel group (TP x PP): every rank of it must call this with
@@ -324,12 +404,18 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
             and benchmarks: it also materialises the logits of every position).
         device: where inputs are placed (default: the current CUDA device, else the CPU).
         max_batch_rows: cap on rows per batch (bounds KV-cache memory).
+        check_every: most decode steps between two host reads of the finished flags (default:
+            :data:`CHECK_EVERY_CUDA` on CUDA, 1 elsewhere). Any value gives the same result.
     """
     t0 = time.perf_counter()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     _check(model, prompts, params, vocab_size, detokenize, max_batch_rows)
+    if check_every is None:
+        check_every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    if check_every < 1:
+        raise UserError(f"check_every={check_every} must be >= 1", "use 1 or more")
     pipe = _Pipeline(model, device)
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep their order
@@ -346,8 +432,9 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
     restore_sp = _sequence_parallel_off(model)
     model.eval()
     try:
-        for rows in batches:
-            out, why = _generate_batch(pipe, [prompts[i] for i in rows], params, vocab_size, generator, detokenize, use_kv_cache)
+        for k, rows in enumerate(batches):
+            out, why = _generate_batch(pipe, [prompts[i] for i in rows], params, vocab_size, generator, detokenize,
+                                       use_kv_cache, check_every, rewind_generator=k + 1 < len(batches))
             for r, i in enumerate(rows):
                 responses[i], reasons[i] = out[r], why[r]
     finally:
