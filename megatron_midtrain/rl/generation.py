@@ -36,6 +36,45 @@ its extra tokens are discarded.
 Sequence parallelism, if the model was built with it, is switched off for the call (a
 decode step has one token, which cannot be split over TP ranks) and restored afterwards;
 the model runs in eval mode under ``torch.no_grad`` and gets its training flag back.
+
+Per-token cost (what a decode step does besides the model's forward):
+
+* the tokens live in one preallocated ``[b, prompt + max_new_tokens]`` device buffer (no
+  per-step ``cat``); the decode mask is a slice of the padding flags;
+* EOS is tracked on the device (``kept`` / ``eos_done`` per row); the host reads the
+  finished flags only after 1, 2, 4, ... steps and then every :data:`CHECK_EVERY_CUDA` (16)
+  on CUDA, every step on the CPU (where a read costs no device sync). A batch that finished
+  between two reads ran a few extra decode steps: their tokens are discarded and the sampling
+  generator is set back to its state after the last needed step, so the random stream, and
+  hence every sampled token for a given seed, is that of a loop checking after every token;
+* stop strings are checked incrementally (:class:`_StopScan`): the newest tokens' window
+  only, not a re-decode of the whole response per token (which was quadratic);
+* the KV cache holds keys with RoPE already applied
+  (:mod:`megatron_midtrain.model.rotary_cache`): megatron's static cache re-rotated every
+  cached key at every step, the largest single cost of a decode step on the CPU demo.
+
+Measured on the CPU demo (``benchmarks/rollout.py --hf``: 64 rows x (32 prompt + 64 new
+tokens), greedy, 2 shared CPU cores, best of 5, measured with the same benchmark script before and after): ours 8,245 -> 8,630 tok/s
+against HF ``generate`` 12,096 / 9,915 tok/s in the same runs, i.e. 0.68x -> 0.87x. In one
+interleaved A/B process (best of 7) the rotated-key cache alone took the old loop from 8,575 to
+9,836 tok/s; the loop changes alone are within the noise on the CPU (no host syncs exist there
+to save; they are for CUDA). What is left on the CPU is megatron's per-module Python overhead
+around the same matmuls HF runs (cProfile: matmul ~63%, SDPA ~15% of ``generate``). Sampled
+tokens and finish reasons are unchanged for a given seed (the generator is consumed exactly as
+before; tests/test_refactor_baseline.py reproduces the GRPO/RMT records).
+
+megatron-core's inference engine (``megatron.core.inference``) as a backend was tried on the
+demo model (TP1, local spec, CPU, with the compat layer's torch proxy extended to the inference
+modules) and does not run there: ``StaticInferenceEngine`` (which in 0.16.1 builds a
+``DynamicInferenceContext``) fails to initialise its buffers ("Error initializing dynamic
+engine: Torch not compiled with CUDA enabled") and falls back to the legacy static path, whose
+``TextGenerationController.generate_all_output_tokens_static_batch`` calls ``.cuda()`` on its
+tensors (text_generation_controller.py:1067, out of reach of a module-level proxy); dynamic
+batching's attention needs flash-attn kernels (``flash_decode_and_prefill``) in any case. Even
+on a GPU its sampling uses its own generator and top-k/top-p code, so the same seed would not
+give today's rollouts (the GRPO/RMT records would change), and it would bypass our TP/PP token
+sharing and stop-string semantics. So generation stays native (no ``method.rollout_engine``
+key); a GPU comparison is still to be measured.
 """
 
 from __future__ import annotations
@@ -45,15 +84,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_midtrain.errors import UserError
+from megatron_midtrain.rl.generation_pipeline import StagePipeline, sequence_parallel_off
 
 FINISH_REASONS = ("eos", "stop", "length")
 
-#: Attributes megatron uses to switch sequence parallelism on a module (see
-#: ``megatron.core.transformer.utils.set_model_to_sequence_parallel``).
-_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
 
 @dataclass
@@ -137,88 +173,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, vocab_size: int, g
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-# ----------------------------------------------------------------------------------------
-# one forward pass through the pipeline
-# ----------------------------------------------------------------------------------------
-
-
-class _Pipeline:
-    """This rank's place in the model-parallel group and the p2p / broadcast plumbing."""
-
-    def __init__(self, model, device: torch.device):
-        from megatron.core import parallel_state as ps
-
-        self.model = model
-        self.device = device
-        self.pp_size = ps.get_pipeline_model_parallel_world_size()
-        self.tp_size = ps.get_tensor_model_parallel_world_size()
-        self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
-        self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
-        self.pp_group = ps.get_pipeline_model_parallel_group() if self.pp_size > 1 else None
-        self.tp_group = ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None
-        if self.pp_size > 1:
-            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
-            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
-            self.pp_last_rank = ps.get_pipeline_model_parallel_last_rank()
-        if self.tp_size > 1:
-            self.tp_src_rank = ps.get_tensor_model_parallel_src_rank()
-        config = model.config
-        self.hidden = config.hidden_size
-        self.pipe_dtype = config.pipeline_dtype or config.params_dtype
-
-    def forward(self, tokens: torch.Tensor, start: int, context, pad: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Run ``tokens`` ``[b, s]`` (at positions ``start..start+s-1``) through this stage.
-
-        ``pad`` ``[b]``: left-padding per row (positions count from each row's first real
-        token); ``mask`` ``[b, 1, s, keys]``: megatron attention mask (True = forbidden), or
-        None for plain causal attention. Returns the last position's full-vocabulary logits
-        ``[b, V_padded]`` on the last stage, ``None`` elsewhere.
-        """
-        b, s = tokens.shape
-        if not self.first:
-            received = torch.empty(s, b, self.hidden, dtype=self.pipe_dtype, device=self.device)
-            dist.recv(received, src=self.prev_rank, group=self.pp_group)
-            self.model.set_input_tensor(received)
-        elif self.pp_size > 1:
-            self.model.set_input_tensor(None)
-        positions = torch.arange(start, start + s, device=self.device).unsqueeze(0).expand(b, s)
-        if pad is not None:  # only learned absolute position embeddings read these; RoPE is relative
-            positions = (positions - pad[:, None]).clamp(min=0)
-        output = self.model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
-        if context is not None:
-            context.increment_sequence_len_offset(s)
-        if not self.last:
-            dist.send(output.to(self.pipe_dtype).contiguous(), dst=self.next_rank, group=self.pp_group)
-            return None
-        return output[:, -1, :]  # [b, s or 1, V] -> [b, V]
-
-    def share(self, chosen: Optional[torch.Tensor], rows: int) -> torch.Tensor:
-        """The last stage's chosen tokens ``[rows]`` -> the same tensor on every rank."""
-        if not self.last:
-            chosen = torch.empty(rows, dtype=torch.long, device=self.device)
-        chosen = chosen.to(torch.long).contiguous()
-        if self.last and self.tp_size > 1:  # TP rank 0 of the last stage decides
-            dist.broadcast(chosen, src=self.tp_src_rank, group=self.tp_group)
-        if self.pp_size > 1:
-            dist.broadcast(chosen, src=self.pp_last_rank, group=self.pp_group)
-        return chosen
-
-
-def _sequence_parallel_off(model) -> list:
-    """Switch sequence parallelism off on every module that has the flag; returns what to restore."""
-    saved = []
-    for module in model.modules():
-        for attr in _SP_ATTRS:
-            if getattr(module, attr, False) is True:
-                saved.append((module, attr))
-                setattr(module, attr, False)
-    if getattr(model.config, "sequence_parallel", False):
-        saved.append((model.config, "sequence_parallel"))
-        model.config.sequence_parallel = False
-    return saved
-
-
 class _StopScan:
     """Incremental stop-string check, one object per batch (host side).
 
@@ -268,7 +222,7 @@ def _attention_mask(key_pad: torch.Tensor, queries: int) -> torch.Tensor:
     return forbidden[:, None]
 
 
-def _generate_batch(pipe: _Pipeline, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
+def _generate_batch(pipe: StagePipeline, prompts: list[list[int]], params: SamplingParams, vocab_size: int,
                     generator, detokenize, use_kv_cache: bool, check_every: int, rewind_generator: bool):
     """One batch of prompts (left-padded to the longest) -> (responses, finish reasons).
 
@@ -416,7 +370,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
         check_every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
     if check_every < 1:
         raise UserError(f"check_every={check_every} must be >= 1", "use 1 or more")
-    pipe = _Pipeline(model, device)
+    pipe = StagePipeline(model, device)
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep their order
     batches = [order[k:k + max_batch_rows] for k in range(0, len(order), max_batch_rows)]
@@ -429,7 +383,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
     responses: list[list[int]] = [[] for _ in prompts]
     reasons: list[str] = ["length"] * len(prompts)
     was_training = model.training
-    restore_sp = _sequence_parallel_off(model)
+    restore_sp = sequence_parallel_off(model)
     model.eval()
     try:
         for k, rows in enumerate(batches):
