@@ -100,6 +100,24 @@ def _tp1_extras(model, prompts) -> dict:
     out["stop"] = stop
     out["stop_result"] = generate(model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True, stop_strings=(stop, "<999>")),
                                   vocab_size=VOCAB, detokenize=detok)
+    # the host reads the finished flags every k steps (CUDA default 16): same results for any k,
+    # including sampled batches that finish early (the generator is rewound for the next batch)
+    for k in (3, 16):
+        out[f"stop_result_k{k}"] = generate(model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True,
+                                            stop_strings=(stop, "<999>")), vocab_size=VOCAB, detokenize=detok, check_every=k)
+        out[f"eos_k{k}"] = generate(model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True, eos_id=eos),
+                                    vocab_size=VOCAB, check_every=k)
+    warm = SamplingParams(max_new_tokens=NEW, temperature=0.5)
+    base = generate(model, prompts, warm, vocab_size=VOCAB, seed=7, max_batch_rows=2).responses
+    # EOS := a token both rollouts of prompt 0 (batch 0) emit, so that batch 0 ends early, at a
+    # step where check_every=16 does not read the flags (1, 2, 4, 8, 16): it overshoots and
+    # must rewind the generator before batch 1 samples
+    ends = {t: max(base[0].index(t), base[1].index(t)) + 1 for t in set(base[0]) & set(base[1])}
+    early = min((t for t, n in ends.items() if n not in (1, 2, 4, 8, 16)), key=ends.get, default=0)
+    out["early_eos_step"] = ends.get(early)
+    for k in (1, 3, 16):
+        out[f"early_eos_k{k}"] = generate(model, prompts, SamplingParams(max_new_tokens=NEW, temperature=0.5, eos_id=early),
+                                          vocab_size=VOCAB, seed=7, max_batch_rows=2, check_every=k)
     # padding columns made the most likely ones: still never chosen
     handle = model.output_layer.register_forward_hook(_boost_padding)
     try:
@@ -303,6 +321,32 @@ def test_stop_strings_truncate_rows(world):
     assert list(zip(result.responses, result.finish_reasons)) == expected
     assert result.finish_reasons[4] == "stop" and len(result.responses[4]) <= 5
     assert extras["stop"] in detok(result.responses[4]) and extras["stop"] not in detok(result.responses[4][:-1])
+
+
+def test_finished_flags_read_every_k_steps_give_the_same_rollouts(world):
+    extras = world[0]["tp1_extras"]
+    for k in (3, 16):
+        assert _responses(extras[f"stop_result_k{k}"]) == _responses(extras["stop_result"]), k
+        assert _responses(extras[f"eos_k{k}"]) == _responses(extras["eos"]), k
+    reference = extras["early_eos_k1"]
+    assert extras["early_eos_step"] not in (None, 1, 2, 4, 8, 16)
+    assert reference.finish_reasons[:2] == ["eos", "eos"]
+    assert max(map(len, reference.responses[:2])) == extras["early_eos_step"] < NEW
+    for k in (3, 16):
+        assert _responses(extras[f"early_eos_k{k}"]) == _responses(reference), k
+
+
+def test_stop_scan_matches_a_full_decode():
+    from megatron_midtrain.rl.generation import _StopScan
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        tokens = torch.randint(0, 12, (60,), generator=gen).tolist()
+        stops = (detok(tokens[40:43]), "<7><7>") if trial % 2 else ("<3><4>",)
+        scan = _StopScan(stops, detok)
+        first_scan = next((n for n in range(1, 61) if scan.hit(tokens[:n])), None)
+        first_full = next((n for n in range(1, 61) if any(s in detok(tokens[:n]) for s in stops)), None)
+        assert first_scan == first_full, (trial, stops)
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_midtrain.config.schema import ModelConfig, ParallelConfig
 from megatron_midtrain.model.norms import RMSNorm
 from megatron_midtrain.model.olmo2 import FullWidthQKNorm, PostNormMLP, PostNormSelfAttention
+from megatron_midtrain.model.rotary_cache import RotatedKeySelfAttention
 from megatron_midtrain.model.sdpa_attention import SDPAttention, mask_aware_attention
 
 
@@ -115,6 +116,8 @@ def build_layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
         attn = spec.submodules.self_attention.submodules
         attn.q_layernorm = ModuleSpec(module=FullWidthQKNorm, params={"heads": "q"})
         attn.k_layernorm = ModuleSpec(module=FullWidthQKNorm, params={"heads": "k"})
+    # RoPE'd keys in the KV cache (generation): each key is rotated once, not at every step
+    spec.submodules.self_attention.module = RotatedKeySelfAttention
     if model.norm_placement == "post":
         _use_post_norm(spec, use_te)
     return spec

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from megatron.core import parallel_state
-from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_midtrain.model.norms import RMSNorm
+from megatron_midtrain.model.rotary_cache import RotatedKeySelfAttention
 
 
 def _post_normed(base: type, name: str, doc: str) -> type:
@@ -55,7 +55,7 @@ def _post_normed(base: type, name: str, doc: str) -> type:
 
 
 PostNormSelfAttention = _post_normed(
-    SelfAttention, "PostNormSelfAttention", "SelfAttention whose output is RMS-normalised before the residual add (OLMo-2)."
+    RotatedKeySelfAttention, "PostNormSelfAttention", "SelfAttention (rotated-key KV cache) whose output is RMS-normalised before the residual add (OLMo-2)."
 )
 PostNormMLP = _post_normed(MLP, "PostNormMLP", "SwiGLU MLP whose output is RMS-normalised before the residual add (OLMo-2).")
 
