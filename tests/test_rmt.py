@@ -86,8 +86,11 @@ def _train_fixed_then_update_direction(overrides, direction_overrides):
     build_batches = rl_step.rollout_micro_batches
 
     def spy(prompts, responses, *args, **kwargs):
-        captured.update(batches=build_batches(prompts, responses, *args, **kwargs), responses=responses)
-        return captured["batches"]
+        batches = build_batches(prompts, responses, *args, **kwargs)
+        # the policy's log-probs of its own rollouts before the update (one update: none are recorded)
+        before = trainer.method_step.rollout_logprobs(trainer.model, batches)
+        captured.update(batches=batches, before=before, responses=responses)
+        return batches
 
     rl_step.rollout_micro_batches = spy
     trainer = Trainer(load_config(with_test_defaults(direction_overrides)))
@@ -97,8 +100,8 @@ def _train_fixed_then_update_direction(overrides, direction_overrides):
         batches = captured["batches"]
         new = trainer.method_step.rollout_logprobs(trainer.model, batches)
         delta, adv = [], []
-        for b, lp in zip(batches, new):
-            delta.append(((lp - b["old_logprobs"]) * b["loss_mask"]).sum(-1))
+        for b, lp, lp0 in zip(batches, new, captured["before"]):
+            delta.append(((lp - lp0) * b["loss_mask"]).sum(-1))
             adv.append(b["advantages"])
         rows = [row for b in batches for row in zip(b["labels"], b["loss_mask"])]
         masked = [lab[m > 0].tolist() for lab, m in rows]
