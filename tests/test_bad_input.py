@@ -119,24 +119,10 @@ def test_checkpoint_from_other_architecture_is_refused(tmp_path):
 
 def _train_with_nonfinite_steps(overrides, steps):
     """Train with :class:`InjectNonFinite` at ``steps``; the UserError's text and rank 0's records."""
-    import torch.distributed as dist
-
-    from megatron_midtrain.config.loader import load_config
     from megatron_midtrain.testing.callbacks import InjectNonFinite
-    from megatron_midtrain.training.metrics import read_metrics
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.testing.runs import train_and_report
 
-    cfg = load_config(with_test_defaults(overrides))
-    trainer = Trainer(cfg, callbacks=[InjectNonFinite(steps)])
-    error = None
-    try:
-        trainer.train()
-    except UserError as err:
-        error = str(err)
-    finally:
-        rank0 = dist.get_rank() == 0
-        trainer.close()
-    return {"error": error, "records": read_metrics(cfg.run.dir) if rank0 else None}
+    return train_and_report(overrides, callbacks=[InjectNonFinite(steps)], catch_user_error=True)
 
 
 def test_nonfinite_loss_skips_steps_then_stops(tmp_path):

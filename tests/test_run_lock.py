@@ -212,8 +212,7 @@ def test_dp2_run_holds_the_lock_on_rank0_and_a_second_dp2_launch_fails_on_every_
 def _train_and_lose_the_lock(overrides: list[str]) -> dict:
     """Train; after step 2 the lock file is replaced by another run's (a takeover). What happens."""
     from megatron_midtrain.callbacks.base import Callback
-    from megatron_midtrain.config.loader import load_config
-    from megatron_midtrain.training.trainer import Trainer
+    from megatron_midtrain.testing.runs import train_and_report
 
     class StealLock(Callback):
         def on_step_end(self, trainer, record):
@@ -221,16 +220,8 @@ def _train_and_lose_the_lock(overrides: list[str]) -> dict:
                 os.unlink(os.path.join(trainer.run_dir, LOCK_NAME))
                 _write_lock(trainer.run_dir, host="newholder.invalid")
 
-    cfg = load_config(overrides)
-    trainer = Trainer(cfg, callbacks=[StealLock()])
-    error = None
-    try:
-        trainer.train()
-    except UserError as err:
-        error = str(err)
-    finally:
-        trainer.close()
-    return {"error": error, "steps": _steps(cfg.run.dir), "lock": _lock(cfg.run.dir)}
+    out = train_and_report(overrides, callbacks=[StealLock()], catch_user_error=True)
+    return {"error": out["error"], "steps": _steps(out["run_dir"]), "lock": _lock(out["run_dir"])}
 
 
 def test_a_run_that_loses_its_lock_stops_without_writing_more(tmp_path):

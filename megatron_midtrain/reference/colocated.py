@@ -54,20 +54,18 @@ class ColocatedReference:
         self._hidden_only = False
         self._output_weight = None
 
-    def _forward_only(self, micro_batches, num_microbatches: int, device, score_fn, seq_length=None, micro_batch_size=None):
-        return forward_only(self.model, micro_batches, num_microbatches, score_fn,
-                            seq_length=seq_length or self.cfg.data.seq_length,
-                            micro_batch_size=micro_batch_size or self.cfg.train.micro_batch_size, device=device)
+    def _forward_only(self, micro_batches, num_microbatches: int, device, score_fn):
+        """The forward-only pass over the corpus micro-batches (the RL step runs its rollout
+        batches through ``self.model`` with their own shapes)."""
+        return forward_only(self.model, micro_batches, num_microbatches, score_fn, seq_length=self.cfg.data.seq_length,
+                            micro_batch_size=self.cfg.train.micro_batch_size, device=device)
 
     @torch.no_grad()
-    def target_logprobs(self, micro_batches, num_microbatches: int, device, seq_length: int | None = None,
-                        micro_batch_size: int | None = None) -> list:
-        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere).
-
-        ``seq_length``/``micro_batch_size`` default to the corpus batches' (rollout batches differ)."""
+    def target_logprobs(self, micro_batches, num_microbatches: int, device) -> list:
+        """Reference log-probs of each micro-batch's labels, on the last stage (None elsewhere)."""
         if self._hidden_only:
             raise RuntimeError("this reference serves final hidden states (KD); it has no output layer in its forward")
-        return self._forward_only(micro_batches, num_microbatches, device, label_logprobs, seq_length, micro_batch_size)
+        return self._forward_only(micro_batches, num_microbatches, device, label_logprobs)
 
     @torch.no_grad()
     def final_hidden(self, micro_batches, num_microbatches: int, device) -> list:

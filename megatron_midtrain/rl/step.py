@@ -186,13 +186,14 @@ class RolloutStep:
                for part in parts]
         corpus_parts = ([list(zip(corpus, rl_masks))[k::K] for k in range(K)] if corpus is not None else [None] * K)
 
-        # global normalisers of each mini-batch: GRPO aggregation units and the NTP token count
+        # global normalisers of each mini-batch (GRPO aggregation units, NTP token count) and the
+        # rollout tokens trained on (throughput), one all-reduce for all
         local = torch.zeros(2 * K + 1, dtype=torch.float64)
         for k, part in enumerate(parts):
             local[k] = float(sum(aggregation_units(b["loss_mask"], rl.loss_agg) for b in part))
             if corpus_parts[k] is not None:
                 local[K + k] = float(sum(((b["loss_mask"] > 0) & ~m).sum() for b, m in corpus_parts[k]))
-        local[2 * K] = float(len(gen.responses))
+        local[2 * K] = float(sum(b["tokens"].numel() for part in parts for b in part))  # rollout tokens trained on
         if self.layout.dp > 1:
             local = local.to(self.device)
             dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
@@ -222,7 +223,6 @@ class RolloutStep:
                 losses.append(loss)
                 reports.append(report)
         report = _mean_reports(reports)
-        rows_tokens = sum(len(b["tokens"]) * b["tokens"].shape[1] for part in parts for b in part)
         loss = sum(losses) / len(losses)
         self._timing = {"start": start, "train_start": train_start}
 
@@ -248,7 +248,7 @@ class RolloutStep:
         if "rl/budget" in metrics:
             metrics["rl/len_over_budget"] = float(all_len.mean() / metrics["rl/budget"])
         metrics.update(report)
-        return StepResult(loss=loss, metrics=metrics, tokens=gen_tokens + rows_tokens, updates=updates)
+        return StepResult(loss=loss, metrics=metrics, tokens=gen_tokens + local[2 * K].item(), updates=updates)
 
     def finish_record(self, record: dict) -> None:
         """Training time of the step (old log-probs to optimizer step) and generation's share."""

@@ -19,13 +19,15 @@ def with_test_defaults(overrides: list[str]) -> list[str]:
 
 
 def train_and_report(overrides: list[str], keep_distributed: bool = False, callbacks=None,
-                     fixed_rollouts: bool = False) -> dict:
+                     fixed_rollouts: bool = False, catch_user_error: bool = False) -> dict:
     """Train with ``overrides`` (and extra ``callbacks``; RL methods on
     :func:`~megatron_midtrain.testing.rollouts.fixed_rollouts` if asked); return rank 0's
-    per-step records (other ranks return {})."""
+    per-step records (other ranks return {}). With ``catch_user_error`` a UserError that stops
+    training is caught and every rank's result holds its text as ``error`` (None if none)."""
     import torch.distributed as dist
 
     from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.errors import UserError
     from megatron_midtrain.training.metrics import read_metrics
     from megatron_midtrain.training.trainer import Trainer
 
@@ -35,14 +37,21 @@ def train_and_report(overrides: list[str], keep_distributed: bool = False, callb
         from megatron_midtrain.testing.rollouts import use_fixed_rollouts
 
         use_fixed_rollouts(trainer)
+    out = {}
     try:
         trainer.train()
-        rank0 = dist.get_rank() == 0
+    except UserError as err:
+        if not catch_user_error:
+            raise
+        out["error"] = str(err)
     finally:
+        rank0 = dist.get_rank() == 0
         trainer.close(keep_distributed=keep_distributed)
-    if not rank0:
-        return {}
-    return {"records": read_metrics(cfg.run.dir), "run_dir": cfg.run.dir}
+    if catch_user_error:
+        out.setdefault("error", None)
+    if rank0:
+        out.update(records=read_metrics(cfg.run.dir), run_dir=cfg.run.dir)
+    return out
 
 
 def validation_loss(overrides: list[str]) -> float:
