@@ -163,8 +163,9 @@ def ensure_demo_models(cfg: MidtrainConfig) -> tuple[str, str]:
     return base, reference
 
 
-def ensure_demo_entropy(cfg: MidtrainConfig, base: str) -> list[str]:
-    """The base model's entropy index of each demo dataset (one dir per prefix). Collective."""
+def ensure_demo_entropy(cfg: MidtrainConfig, base: str, out_root: str | None = None) -> list[str]:
+    """The base model's entropy index of each demo dataset (one dir per prefix), under ``out_root``
+    (default: the demo models' cache, which assumes ``base`` is the demo base). Collective."""
     import torch.distributed as dist
 
     from megatron_midtrain.rl.entropy import read_entropy_meta
@@ -175,7 +176,7 @@ def ensure_demo_entropy(cfg: MidtrainConfig, base: str) -> list[str]:
     prefixes = broadcast_object(resolve_sources(cfg)[1] if (not dist.is_initialized() or dist.get_rank() == 0) else None)
     dirs = []
     for prefix in prefixes:
-        out = os.path.join(_models_root(cfg), "entropy", os.path.basename(prefix))
+        out = os.path.join(out_root or os.path.join(_models_root(cfg), "entropy"), os.path.basename(prefix))
         done = broadcast_object(os.path.isfile(os.path.join(out, "meta.json")) and read_entropy_meta(out).get("complete", False)
                                 if (not dist.is_initialized() or dist.get_rank() == 0) else None)
         if not done:
