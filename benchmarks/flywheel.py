@@ -13,6 +13,7 @@ Writes ``<out>/results.md``, ``<out>/results.json`` and ``<out>/flywheel.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -64,8 +65,9 @@ def main(argv=None) -> int:
                    command="python benchmarks/flywheel.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch CPU, world size 1")
     header = "# Flywheel results" + (" (--quick: pipeline check, sizes too small to mean anything)" if args.quick else "")
-    report.write(results, args.out, header)
+    table = report.write(results, args.out, header)
     print(open(os.path.join(args.out, "results.md")).read())
+    print(json.dumps(table))  # the summary (method -> metric -> mean, se, n, diff vs NTP), one line
     return 0
 
 

@@ -37,7 +37,7 @@ def last_json(stdout: str) -> dict:
 
 def test_every_benchmark_has_a_smoke_test():
     covered = {"throughput.py", "remit_overhead.py", "rollout.py", "preprocess_throughput.py", "convert_memory.py",
-               "gpu_acceptance.py"}
+               "gpu_acceptance.py", "flywheel.py"}
     assert {p.name for p in BENCH.glob("*.py")} == covered, "a new benchmark needs a smoke test here"
 
 
@@ -94,3 +94,25 @@ def test_gpu_acceptance_cpu_smoke(tmp_path):
         assert row["status"] != "SKIPPED" or row["result"].startswith("skipped: "), row
         assert row["device"] == ("-" if row["status"] == "SKIPPED" else "cpu, fp32"), row
         assert f"| {row['status']} |" in out
+
+
+def test_flywheel_quick_runs_and_resumes(tmp_path):
+    """The whole flywheel pipeline at tiny sizes, then the same command again: every stage and
+    evaluation is reused from the cache (nothing is trained twice) and the outputs are rewritten."""
+    out_dir = tmp_path / "out"
+    first = run_benchmark("flywheel.py", "--quick", "--out", str(out_dir), cwd=tmp_path, timeout=1200)
+    methods = ("ntp", "remit", "remit_sft", "rho1", "kd", "rmt")
+    header = next(line for line in first.splitlines() if line.startswith("| metric |"))
+    assert all(f"| {m} (n=2)" in header or f" {m} (n=2) |" in header for m in methods), header
+    results = json.loads((out_dir / "results.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in results["runs"]) == sorted((m, s) for m in methods for s in (1, 2))
+    assert all("accuracy_post" in r for r in results["runs"])
+    assert [r["method"] for r in results["runs"] if "mechanism" in r] == ["remit", "remit_sft"]
+    assert (out_dir / "flywheel.png").stat().st_size > 10_000
+    assert last_json(first)["ntp"]["val_loss_math"]["n"] == 2
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    again = subprocess.run([sys.executable, str(BENCH / "flywheel.py"), "--quick", "--out", str(out_dir)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[flywheel] stage " not in again.stderr, "a finished stage was trained again"
+    assert json.loads((out_dir / "results.json").read_text())["summary"] == results["summary"]

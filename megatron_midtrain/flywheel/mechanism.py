@@ -38,9 +38,9 @@ def answer_tokens(labels: np.ndarray, tokenizer) -> np.ndarray:
             lo = at + len(ANSWER_PREFIX)
             stop = text.find(".", lo)
             hi = len(text) if stop < 0 else stop
-            for t, end in enumerate(ends):
+            for t, end in enumerate(ends):  # tokens overlapping the answer's characters [lo, hi)
                 begin = ends[t - 1] if t else 0
-                if begin >= lo and end <= hi + 1 and end > begin:
+                if begin < hi and end > lo and text[max(begin, lo):min(end, hi)].strip():
                     out[r, t] = True
             start = lo
     return out
