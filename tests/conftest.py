@@ -63,6 +63,12 @@ METHODS = {
 CORE_CELLS = [(f, "ntp") for f in FAMILIES] + [("llama", m) for m in METHODS if m != "ntp"]
 EXTENDED_CELLS = [(f, m) for f in FAMILIES for m in METHODS if (f, m) not in CORE_CELLS]
 
+#: Cells also run in fp64 (megatron_midtrain.testing.runs.train_and_capture_fp64), in the same
+#: spawned worlds, at these layouts: their fp32 gradients differ from TP1's by the fp32 error of
+#: the gradient-clipping norm (see tests/test_grad_parity.py), so exactness is checked in fp64.
+FP64_CELLS = [("llama", "grpo"), ("llama", "rmt")]
+FP64_LAYOUTS = ("tp1", "tp2", "pp2", "dp2")
+
 #: Cells that cannot be layout-invariant by design, with the reason (reported, not compared).
 NOT_INVARIANT = {
     ("rmt", "dp2"): "the entropy curriculum draws Φ_RL per data-parallel rank (seeded by the DP rank)",
@@ -84,7 +90,8 @@ def cell_overrides(family: str, method: str, layout: str, reference: str | None,
 @pytest.fixture(scope="session")
 def layout_runs(tmp_path_factory, demo_cache):
     """``layout_runs(layout, extended=False)`` -> {"references": {family: dir},
-    (family, method): {"records", "grads"}} for CORE_CELLS (or, extended, EXTENDED_CELLS).
+    (family, method): {"records", "grads"}} for CORE_CELLS (or, extended, EXTENDED_CELLS), and
+    ``(family, method, "fp64")`` for FP64_CELLS at FP64_LAYOUTS (core worlds).
 
     One spawned world per layout (and cell set) runs those cells of the parity matrix, one
     after the other (spawning ranks and importing megatron is the slow part on a
@@ -120,6 +127,12 @@ def layout_runs(tmp_path_factory, demo_cache):
             over = cell_overrides(family, method, layout, references[family], entropy_dirs)
             jobs.append(("capture", over + [f"run.dir={root / family / method}"]))
             names.append((family, method))
+        for family, method in [] if extended or layout not in FP64_LAYOUTS else FP64_CELLS:
+            if (method, layout) in NOT_INVARIANT:
+                continue
+            over = cell_overrides(family, method, layout, references[family], entropy_dirs)
+            jobs.append(("capture_fp64", over + [f"run.dir={root / family / (method + '_fp64')}"]))
+            names.append((family, method, "fp64"))
         results = run_distributed(run_jobs, world, jobs, timeout_s=3600)[0]
         done[(layout, extended)] = {"references": references, **{n: r for n, r in zip(names, results) if n is not None}}
         return done[(layout, extended)]

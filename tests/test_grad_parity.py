@@ -1,8 +1,11 @@
-"""The same model at any layout, parameter by parameter (gloo, CPU, fp32).
+"""The same model at any layout, parameter by parameter (gloo, CPU, fp32; some cells also fp64).
 
 For every model family x method x layout of conftest's parity matrix, every parameter's full
 gradient after step 1 and after step 3 (when the optimizer state has acted twice) must match
-the TP1/PP1/DP1 run: ``||g - g_ref|| / ||g_ref|| <= 1e-5`` per parameter and layer. Replicas of
+the TP1/PP1/DP1 run: ``||g - g_ref|| / ||g_ref|| <= 1e-5`` per parameter and layer. GRPO and
+RMT (CLIP_NORM_NOISE) differ by more in fp32 through one scalar, the clipping coefficient, whose
+fp32 grad norm is layout-dependent to ~2e-5 on the CPU: they must match at step 1 once that scalar
+is divided out, within 2e-4 raw, and, in fp64 at TP2/PP2/DP2, to 1e-9. Replicas of
 one tensor (DP copies, TP-replicated norms, the tied head) must agree with each other. For each
 family, the 30-step NTP loss trajectory at TP2 and at PP2 must stay within 1e-6 of TP1's
 (the issue asks for 1e-4).
@@ -21,9 +24,9 @@ import math
 import pytest
 import torch
 
-from conftest import CORE_CELLS, EXTENDED_CELLS, FAMILIES, NOT_INVARIANT, TRAJECTORY_STEPS
+from conftest import CORE_CELLS, EXTENDED_CELLS, FAMILIES, FP64_CELLS, FP64_LAYOUTS, NOT_INVARIANT, TRAJECTORY_STEPS
 
-from megatron_midtrain.testing.grads import compare
+from megatron_midtrain.testing.grads import FullGradients, compare
 
 GRAD_RTOL = 1e-5
 #: The issue asks for 1e-4; measured after the fixes: <= 6.9e-8 for every family at TP2 and PP2.
@@ -39,16 +42,27 @@ def _grads(run: dict) -> dict:
     return torch.load(run["grads"], weights_only=False)
 
 
-def _cell(layout_runs, family: str, method: str, layout: str) -> dict:
-    return layout_runs(layout, (family, method) in EXTENDED_CELLS)[(family, method)]
+def _cell(layout_runs, family: str, method: str, layout: str, fp64: bool = False) -> dict:
+    return layout_runs(layout, (family, method) in EXTENDED_CELLS)[(family, method) + (("fp64",) if fp64 else ())]
 
 
-def worst_difference(layout_runs, family: str, method: str, layout: str) -> tuple[float, str, float]:
-    """(worst relative difference, its parameter, worst replica spread) over the captured steps."""
-    base, got = _grads(_cell(layout_runs, family, method, "tp1")), _grads(_cell(layout_runs, family, method, layout))
+def unit_gradients(grads: FullGradients) -> FullGradients:
+    """``grads`` divided by its global norm (fp64): what is left once the clipping coefficient,
+    one scalar for the whole model, is taken out."""
+    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in grads.tensors.values()))
+    return FullGradients(tensors={k: t.double() / norm for k, t in grads.tensors.items()})
+
+
+def worst_difference(layout_runs, family: str, method: str, layout: str, fp64: bool = False,
+                     steps=CAPTURED, scale_free: bool = False) -> tuple[float, str, float]:
+    """(worst relative difference, its parameter, worst replica spread) over ``steps``
+    (``scale_free``: of :func:`unit_gradients`)."""
+    base = _grads(_cell(layout_runs, family, method, "tp1", fp64))
+    got = _grads(_cell(layout_runs, family, method, layout, fp64))
     worst, where, spread = 0.0, "", 0.0
-    for step in CAPTURED:
-        diffs = compare(got[step], base[step])
+    for step in steps:
+        g, b = (unit_gradients(got[step]), unit_gradients(base[step])) if scale_free else (got[step], base[step])
+        diffs = compare(g, b)
         name, value = max(diffs.items(), key=lambda kv: kv[1])
         if value >= worst:
             worst, where = value, f"step {step}: {name[0]}" + ("" if name[1] is None else f" (layer {name[1]})")
@@ -56,19 +70,36 @@ def worst_difference(layout_runs, family: str, method: str, layout: str) -> tupl
     return worst, where, spread
 
 
-#: Measured over the bound and not explained (open in issue 12's closing note): at TP2 the
-#: fixed-rollout GRPO/RMT cells reach 1.1-1.7e-5, always on the input-norm weights, already at
-#: step 1. Measured (llama, TP2 vs TP1, step 1): GRPO linear_qkv.layer_norm_weight differs by
-#: 3.8e-8 absolute on a gradient of norm 2.4e-3, while NTP's gradient of the same weight (norm
-#: 2.6e-3) differs by 3.7e-9, so it is not only a small gradient; every other parameter is
-#: within the bound. At PP2 and DP2 GRPO's step 1 agrees to 3.3e-7 and only step 3 reaches 1.5e-5
-#: (same weights), i.e. after two Adam steps on these small, cancelling gradients; TP1 against
-#: TP1 with another micro-batch split reaches 4.5e-6 there. Reported as non-strict xfail so the
-#: figures stay visible, not hidden.
-#: The extended (slow) cells at TP2 reach 1.5e-5 to 5.8e-5 (GRPO) and 1.0e-5 to 7.0e-5 (RMT),
-#: mostly at step 3.
-KNOWN_OVER = {"grpo": "GRPO fixed-rollout gradients differ by 1.1e-5 to 5.8e-5 (bound 1e-5), unexplained",
-              "rmt": "RMT fixed-rollout gradients differ by 1.0e-5 to 7.0e-5 (bound 1e-5), unexplained"}
+#: Methods whose fp32 gradients differ from TP1's by more than GRAD_RTOL, through one scalar:
+#: the gradient-clipping coefficient (issue 12). These runs clip (grad norm 3.3-4.4 > clip_grad
+#: 1.0), and on the CPU megatron computes the norm with ``torch.norm`` of each fp32 gradient
+#: (``local_multi_tensor_l2_norm``), whose error grows with the tensor and its dynamic range:
+#: on the tied embedding's GRPO gradient (2048 x 128) it is 6.6e-5 relative (an exact fp32 sum
+#: of squares: 2e-8). The clipped fp32 gradient's norm is then 1.000026 instead of 1 at TP1
+#: (GRPO), 1.000011 at TP2 (half the vocabulary rows per rank), so *every* parameter differs by
+#: that ratio, 1.5e-5 (RMT 1.4e-5; NTP's gradient has less dynamic range: 1.4e-6). The
+#: input-norm weights only top the list by a hair. Measured (llama, step 1, TP2 vs TP1):
+#: dividing each run's gradients by their global norm leaves <= 4.3e-7 (GRPO), 7.0e-7 (RMT),
+#: 3.2e-7 (NTP); in fp64 (``train_and_capture_fp64``, norm in fp64 too) TP2, PP2 and DP2 agree
+#: with TP1 to <= 1.3e-15 at step 1 and 7.4e-14 at step 3, so there is no layout bug. It is
+#: not cancellation either: the fp32 gradient's direction agrees with the fp64 one to 5.9e-7
+#: (GRPO), 8.5e-7 (RMT) at TP1. Step 3 inherits what steps 1-2 left through Adam, which these
+#: RL trajectories amplify 20-60x (fp64: GRPO 7.7e-16 -> 1.4e-14 at PP2, 1.2e-15 -> 7.4e-14
+#: at TP2; fp32 at PP2 and DP2, where the clip coefficients agree to 1e-7: 3.3e-7 -> 1.5e-5 on
+#: layer 0's linear_qkv.layer_norm_weight; NTP 2.3e-7 -> 2.7e-7). So these methods are checked
+#: here at step 1 without the scalar (GRAD_RTOL) and at every step within CLIP_NOISE_RTOL, and
+#: exactly in fp64 by test_fp64_every_parameter_gradient_matches_tp1.
+CLIP_NORM_NOISE = {"grpo", "rmt"}
+#: Measured (llama, raw fp32, steps 1 and 3): <= 1.7e-5 at every layout; 2e-4 still catches a
+#: wrongly reduced shard (0.5-1.0, see above) by three orders of magnitude.
+CLIP_NOISE_RTOL = 2e-4
+#: fp64 cells (conftest.FP64_CELLS): measured <= 7.4e-14.
+FP64_RTOL = 1e-9
+#: The extended (slow) GRPO/RMT cells were measured at 1.5e-5 to 7.0e-5 raw (mostly step 3)
+#: before the clip coefficient was identified; not re-measured against the CLIP_NORM_NOISE
+#: criteria, so they stay non-strict xfail.
+KNOWN_OVER = {"grpo": "GRPO extended cells: fp32 clip-norm noise (1.5e-5 to 5.8e-5), not re-measured",
+              "rmt": "RMT extended cells: fp32 clip-norm noise (1.0e-5 to 7.0e-5), not re-measured"}
 #: 30-step trajectories over the bound: none since the trajectory runs use lr 1e-3 (see METHODS
 #: in conftest.py: at 3e-3 TP1 against TP1 with another micro-batch split already drifts 1.3e-4).
 TRAJECTORY_OVER: set = set()
@@ -79,7 +110,7 @@ def _marks(family, method):
     return marks
 
 
-CELLS = [pytest.param(f, m, id=f"{f}-{m}", marks=_marks(f, m)) for f, m in CORE_CELLS] + [
+CELLS = [pytest.param(f, m, id=f"{f}-{m}") for f, m in CORE_CELLS] + [
     pytest.param(f, m, id=f"{f}-{m}", marks=[pytest.mark.slow] + _marks(f, m)) for f, m in EXTENDED_CELLS
 ]
 
@@ -94,16 +125,50 @@ def test_every_parameter_gradient_matches_tp1(family, method, layout, layout_run
     assert sorted(got_grads) == sorted(base_grads) == list(CAPTURED)
     worst, where, _ = worst_difference(layout_runs, family, method, layout)
     print(f"{family}/{method}/{layout}: worst per-parameter relative difference {worst:.2e} ({where})")
+    noisy = method in CLIP_NORM_NOISE
+    if noisy:
+        scale_free, sf_where, _ = worst_difference(layout_runs, family, method, layout, steps=(1,), scale_free=True)
+        print(f"{family}/{method}/{layout}: without the clip coefficient {scale_free:.2e} ({sf_where})")
+        assert scale_free <= GRAD_RTOL, f"{family}/{method}/{layout}: step 1 without the clip coefficient: {sf_where}"
     for step in CAPTURED:
         ref = base_grads[step]
         # Every parameter of every layer is there and really has a gradient to compare.
         assert len(ref.tensors) >= 8 and all(t.norm() > 0 for t in ref.tensors.values()), step
         diffs = compare(got_grads[step], ref)
-        bad = {k: v for k, v in diffs.items() if not v <= GRAD_RTOL}
+        bad = {k: v for k, v in diffs.items() if not v <= (CLIP_NOISE_RTOL if noisy else GRAD_RTOL)}
         assert not bad, f"{family}/{method}/{layout} step {step}: {sorted(bad.items(), key=lambda kv: -kv[1])[:5]}"
         spread = got_grads[step].replica_spread
         assert all(v <= 1e-6 * max(1.0, ref.tensors[k].abs().max().item()) for k, v in spread.items()), spread
     # The runs took steps (an optimizer that never moved would make step 3 equal step 1).
+    assert max(compare(base_grads[3], base_grads[1]).values()) > 1e-3
+
+
+@pytest.mark.parametrize("layout", [lay for lay in FP64_LAYOUTS if lay != "tp1"])
+@pytest.mark.parametrize("family, method", FP64_CELLS)
+def test_fp64_every_parameter_gradient_matches_tp1(family, method, layout, layout_runs):
+    """In fp64 (parameters, gradients, losses, clipping norm) the layouts agree to rounding."""
+    if (method, layout) in NOT_INVARIANT:
+        pytest.skip(f"{method} at {layout}: {NOT_INVARIANT[(method, layout)]}")
+    base_grads = _grads(_cell(layout_runs, family, method, "tp1", fp64=True))
+    got_grads = _grads(_cell(layout_runs, family, method, layout, fp64=True))
+    assert sorted(got_grads) == sorted(base_grads) == list(CAPTURED)
+    worst, where, spread = worst_difference(layout_runs, family, method, layout, fp64=True)
+    print(f"{family}/{method}/{layout} fp64: worst per-parameter relative difference {worst:.2e} ({where}), "
+          f"replica spread {spread:.1e}")
+    fp32 = _grads(_cell(layout_runs, family, method, "tp1"))
+    for step in CAPTURED:
+        ref = base_grads[step]
+        assert all(t.dtype == torch.float64 and t.norm() > 0 for t in ref.tensors.values()), step
+        assert all(t.dtype == torch.float64 for t in got_grads[step].tensors.values()), step
+        diffs = compare(got_grads[step], ref)
+        bad = {k: v for k, v in diffs.items() if not v <= FP64_RTOL}
+        assert not bad, f"{family}/{method}/{layout} fp64 step {step}: {sorted(bad.items(), key=lambda kv: -kv[1])[:5]}"
+        assert all(v <= 1e-12 for v in got_grads[step].replica_spread.values()), got_grads[step].replica_spread
+        # The fp64 run is the fp32 run's computation: they agree to the fp32 clip-norm noise.
+        assert max(compare(fp32[step], ref).values()) <= CLIP_NOISE_RTOL, step
+    # Step 1 in fp32 without the clip coefficient is the fp64 gradient's direction (no
+    # cancellation amplifies fp32 rounding; measured 5.9e-7 GRPO, 8.5e-7 RMT).
+    assert max(compare(unit_gradients(fp32[1]), unit_gradients(base_grads[1])).values()) <= GRAD_RTOL
     assert max(compare(base_grads[3], base_grads[1]).values()) > 1e-3
 
 

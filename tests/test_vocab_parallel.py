@@ -57,6 +57,20 @@ def test_matches_log_softmax_single_process(chunk):
     torch.testing.assert_close(grad, ref_grad, **TOL)
 
 
+def test_float64_logits_stay_float64():
+    # The fp64 parity cells (tests/test_grad_parity.py) need log-probs and gradients in fp64:
+    # an fp32 pass would put fp32 rounding back into every fp64 gradient.
+    logits, target, grad_out = _inputs((2, 5))
+    logits, grad_out = logits.double(), grad_out.double()
+    x = logits.clone().requires_grad_(True)
+    ref = torch.log_softmax(x, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    ref.backward(grad_out)
+    logp, grad = _ours(logits, target, grad_out)
+    assert logp.dtype == grad.dtype == torch.float64
+    torch.testing.assert_close(logp, ref.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-13, atol=1e-13)
+
+
 def test_two_dimensional_logits():
     logits, target, grad_out = _inputs((11,))
     ref_logp, ref_grad = _reference(logits, target, grad_out)

@@ -30,6 +30,11 @@ def _shard_range(vocab_shard: int, group) -> tuple[int, int]:
     return rank * vocab_shard, (rank + 1) * vocab_shard
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 logits; fp64 logits (the fp64 parity tests) stay fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _all_reduce(tensor, op, group):
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
@@ -43,16 +48,17 @@ class _VocabParallelLogProb(torch.autograd.Function):
         tgt = target.reshape(-1)
         lo, hi = _shard_range(flat.shape[-1], group)
         n = flat.shape[0]
-        shard_max = torch.empty(n, dtype=torch.float32, device=flat.device)
+        ct = _compute_dtype(flat.dtype)
+        shard_max = torch.empty(n, dtype=ct, device=flat.device)
         for s in range(0, n, chunk):
-            shard_max[s : s + chunk] = flat[s : s + chunk].float().amax(dim=-1)
+            shard_max[s : s + chunk] = flat[s : s + chunk].to(ct).amax(dim=-1)
         global_max = _all_reduce(shard_max, dist.ReduceOp.MAX, group)
 
         owned = (tgt >= lo) & (tgt < hi)
         local_idx = torch.where(owned, tgt - lo, torch.zeros_like(tgt))
-        packed = torch.empty(n, 2, dtype=torch.float32, device=flat.device)
+        packed = torch.empty(n, 2, dtype=ct, device=flat.device)
         for s in range(0, n, chunk):
-            block = flat[s : s + chunk].float() - global_max[s : s + chunk, None]
+            block = flat[s : s + chunk].to(ct) - global_max[s : s + chunk, None]
             packed[s : s + chunk, 0] = block.exp().sum(dim=-1)
             tl = block.gather(-1, local_idx[s : s + chunk, None]).squeeze(-1)
             packed[s : s + chunk, 1] = torch.where(owned[s : s + chunk], tl, torch.zeros_like(tl))
@@ -67,11 +73,12 @@ class _VocabParallelLogProb(torch.autograd.Function):
     def backward(ctx, grad_logp):
         logits, local_idx, owned, lse = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
-        g = grad_logp.reshape(-1).float()
+        ct = _compute_dtype(flat.dtype)
+        g = grad_logp.reshape(-1).to(ct)
         grad = torch.empty_like(flat)
         for s in range(0, flat.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            probs = (flat[s:e].float() - lse[s:e, None]).exp()
+            probs = (flat[s:e].to(ct) - lse[s:e, None]).exp()
             block = -probs * g[s:e, None]
             # + g at the target column on the rank that owns it; a scatter (not boolean
             # indexing) keeps the backward free of host syncs (and runnable on ``meta``).
@@ -85,15 +92,16 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, group=No
     """log p(target) from a vocab shard ``logits[..., V/tp]``; differentiable w.r.t. ``logits``.
 
     ``group`` is the tensor-parallel process group (None = the full vocabulary is local).
-    Returns fp32 log-probs of shape ``target.shape``.
+    Returns fp32 log-probs of shape ``target.shape`` (fp64 for fp64 logits).
     """
     return _VocabParallelLogProb.apply(logits, target, group, chunk)
 
 
 def label_logprobs(batch: dict, logits: torch.Tensor) -> torch.Tensor:
-    """Score function for :func:`~megatron_midtrain.training.forward.forward_only`: fp32
-    ``log p(labels)`` ``[mbs, seq]`` of a micro-batch from its logits shard (TP group of megatron)."""
+    """Score function for :func:`~megatron_midtrain.training.forward.forward_only`: fp32 (fp64 for
+    fp64 logits) ``log p(labels)`` ``[mbs, seq]`` of a micro-batch from its logits shard (TP group of megatron)."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
-    return vocab_parallel_logprobs(logits, batch["labels"], group).detach().float()
+    logp = vocab_parallel_logprobs(logits, batch["labels"], group).detach()
+    return logp.to(_compute_dtype(logp.dtype))

@@ -52,7 +52,9 @@ def _local_boxes(modules) -> list[tuple[str, int, tuple, tuple, torch.Tensor]]:
         for sh in sharded_tensors(module.sharded_state_dict()):
             if sh.data is None or not sh.data.is_floating_point():
                 continue
-            local = sh.data.detach().reshape(tuple(sh.local_shape)).float().cpu().clone()
+            data = sh.data.detach().reshape(tuple(sh.local_shape))
+            # fp32 (fp64 stays fp64: the fp64 parity cells)
+            local = data.to(torch.promote_types(data.dtype, torch.float32)).cpu().clone()
             boxes.append((sh.key, sh.prepend_axis_num, tuple(sh.global_shape), tuple(sh.global_offset), local))
     return boxes
 
@@ -91,7 +93,7 @@ def full_gradients(model_chunks, params: bool = False) -> FullGradients | None:
     for rank_boxes in gathered:
         for key, axes, shape, offset, local in rank_boxes:
             layer = offset[0] if axes else None  # one layer axis (no virtual pipeline stages)
-            target = out.tensors.setdefault((key, layer), torch.zeros(shape[axes:]))
+            target = out.tensors.setdefault((key, layer), torch.zeros(shape[axes:], dtype=local.dtype))
             box = tuple(slice(o, o + s) for o, s in zip(offset[axes:], local.shape))
             seen = first.get((key, layer, offset))
             if seen is None:

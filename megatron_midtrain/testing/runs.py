@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 #: Small, fast settings for tests: 1024-token global batch (8 x 128), no periodic eval.
 TEST_OVERRIDES = [
     "train.global_batch_tokens=1024",
@@ -109,11 +111,47 @@ def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: st
     return {"records": out["records"], "grads": path}
 
 
-JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture}
+@contextmanager
+def float64_parameters():
+    """Within the block, trainers build fp64 models (parameters, gradients, Adam state, losses).
+
+    Test-only (no config key selects it): the fp64 parity cells use it to tell a layout bug
+    from fp32 rounding. The trainer's ``param_dtype`` is replaced, and megatron's CPU
+    gradient-norm helper, which returns an fp32 norm, computes in fp64 (else gradient clipping
+    would scale every fp64 gradient by an fp32-rounded, layout-dependent coefficient).
+    """
+    import torch
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_midtrain.training import trainer
+
+    def l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [torch.linalg.vector_norm(t.double()) for ts in tensor_lists for t in ts]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+        return total.reshape(1), None
+
+    saved = trainer.param_dtype, clip_grads.l2_norm_impl
+    trainer.param_dtype = lambda cfg: torch.float64
+    clip_grads.l2_norm_impl = l2_norm_fp64
+    try:
+        yield
+    finally:
+        trainer.param_dtype, clip_grads.l2_norm_impl = saved
+
+
+def train_and_capture_fp64(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
+                           keep_distributed: bool = False) -> dict:
+    """:func:`train_and_capture` with an fp64 model (:func:`float64_parameters`)."""
+    with float64_parameters():
+        return train_and_capture(overrides, capture_steps, grads_file, keep_distributed)
+
+
+JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture,
+        "capture_fp64": train_and_capture_fp64}
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]]) -> list:
-    """Run several jobs (``("train" | "save_initial", overrides)``) one after the other in this
+    """Run several jobs (``(kind, overrides)``, ``kind`` a key of :data:`JOBS`) one after the other in this
     process, reusing one set of process groups (all jobs must share the TP/PP layout).
 
     Spawning and importing megatron costs seconds per rank on a small CPU machine; tests that
