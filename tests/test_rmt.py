@@ -215,3 +215,32 @@ def test_rmt_loop_with_real_rollouts_at_dp2(tmp_path, entropy_dirs):
     # (no recompute), so the ratio and the clip are trivial by design; tests/test_grpo_minibatch.py
     # covers several updates, where they act
     assert all(r["rl/approx_kl_old"] == 0.0 for r in records)
+
+
+def test_rmt_budget_demo_preset_has_a_falling_budget_and_multi_token_responses(tmp_path, entropy_dirs):
+    """experiment=rmt_budget_demo: responses of several tokens that can end (EOD) and a budget
+    that falls to budget_min at the end; a 3-step run at tiny sizes logs both (real rollouts)."""
+    from megatron_midtrain.config.loader import load_config
+    from megatron_midtrain.rl.budget import token_budget
+    from megatron_midtrain.testing.runs import train_and_report
+
+    m = load_config(["experiment=rmt_budget_demo"]).method
+    T = load_config(["experiment=rmt_budget_demo"]).train.max_steps
+    assert m.name == "rmt" and m.stop_at_eos and m.answer_format == "plain"
+    assert m.max_new_tokens >= m.budget_b0 > m.budget_min > 1 and m.target_tokens >= m.budget_b0
+    # the schedule the run logs (NextTokenTask.budget(step) = token_budget(step - 1, T, ...))
+    budgets = [token_budget(s - 1, T, m.budget_b0, m.budget_gamma, m.budget_min) for s in range(1, T + 1)]
+    assert budgets[0] == m.budget_b0 and budgets[-1] == m.budget_min and budgets == sorted(budgets, reverse=True)
+
+    dirs = f"method.entropy_dirs=[{entropy_dirs[0]},{entropy_dirs[1]}]"
+    # method=rmt first: with_test_defaults adds method=ntp unless an override names the method
+    overrides = ["method=rmt", "experiment=rmt_budget_demo", dirs, f"run.dir={tmp_path / 'run'}", "train.max_steps=3",
+                 "method.prompts_per_step=2", "method.group_size=4", "method.rollout_micro_batch_size=4",
+                 "train.save_interval=0"]
+    records = run_distributed(train_and_report, 1, overrides)[0]["records"]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    b = [r["rl/budget"] for r in records]
+    assert b[0] == m.budget_b0 and b[0] > b[1] > b[2], b  # 16, 8, 4 over T = 3
+    for r in records:
+        assert 1 < r["rl/response_len"] <= r["rl/max_new_tokens"] == m.max_new_tokens
+        assert 0 <= r["rl/length_reward"] <= 1
