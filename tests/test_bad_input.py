@@ -47,6 +47,13 @@ def test_unknown_method(tmp_path):
     assert_one_line_error(proc, "nope", "ntp")
 
 
+def test_unknown_experiment_preset(tmp_path):
+    # Was silently ignored (an `optional` defaults entry), training the default method instead.
+    proc = midtrain("experiment=rmt_dmeo", f"run.dir={tmp_path}/run")
+    assert_one_line_error(proc, "rmt_dmeo", "rmt_demo")
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_type(tmp_path):
     proc = midtrain("train.max_steps=many", f"run.dir={tmp_path}/run")
     assert_one_line_error(proc, "train.max_steps", "'many'")
