@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     if methods and "ntp" not in methods:
         methods = ["ntp"] + methods  # every difference is against NTP
     workdir = args.workdir or os.path.join(args.out, "work-quick" if args.quick else "work")
+    if args.quick:  # a synthetic entropy index (bucket = token id mod 3): the real one takes minutes
+        from megatron_midtrain.data.demo import default_cache_dir
+        from megatron_midtrain.testing.rollouts import demo_entropy_dirs
+
+        recipe.entropy_dirs = demo_entropy_dirs(default_cache_dir(), os.path.join(os.path.abspath(workdir), "entropy-synthetic"))
     start = time.perf_counter()
     try:
         results = Flywheel(workdir, recipe, methods).run()

@@ -57,9 +57,9 @@ class Recipe:
     #: Checkpoints of the ReMiT runs every this many steps (the mechanism over training).
     mechanism_interval: int = 25
     ablations: bool = True
-    #: RMT's curriculum on a synthetic entropy index (bucket = token id mod 3) instead of the base
-    #: model's, which takes minutes to build: the quick run checks the pipeline, not the outcome.
-    synthetic_entropy: bool = False
+    #: RMT's entropy index dirs; None = the base model's, built once (minutes on 2 CPU cores). The
+    #: quick run passes a synthetic one: it checks the pipeline, not the outcome.
+    entropy_dirs: list | None = None
     #: Overrides every stage gets (sizes shared by all stages).
     common: list = field(default_factory=lambda: ["train.eval_interval=25", "train.log_interval=25", "run.plot=false"])
     #: Extra overrides of the GRPO stages, of RMT, and of the arithmetic sft stages.
@@ -71,7 +71,7 @@ class Recipe:
     def quick(cls) -> "Recipe":
         """A few-minute run of the whole pipeline (CI smoke test): tiny stages, 2 seeds, no ablations."""
         return cls(base_steps=4, sft_steps=4, rl_steps=1, mid_steps=3, post_sft_steps=2, post_grpo_steps=1, seeds=[1, 2],
-                   eval_problems=8, eval_batches=1, mechanism_interval=3, ablations=False, synthetic_entropy=True,
+                   eval_problems=8, eval_batches=1, mechanism_interval=3, ablations=False,
                    common=["train.eval_interval=0", "train.log_interval=1", "run.plot=false", "train.global_batch_tokens=1024",
                            "train.micro_batch_size=4"],
                    grpo_sizes=["method.prompts_per_step=4", "method.group_size=2", "method.max_new_tokens=16",

@@ -110,11 +110,8 @@ class Flywheel:
         from megatron_midtrain.config.loader import load_config
         from megatron_midtrain.training.demo_models import ensure_demo_entropy
 
-        if self.recipe.synthetic_entropy:
-            from megatron_midtrain.data.demo import default_cache_dir
-            from megatron_midtrain.testing.rollouts import demo_entropy_dirs
-
-            return demo_entropy_dirs(default_cache_dir(), os.path.join(self.workdir, "entropy-synthetic"))
+        if self.recipe.entropy_dirs:
+            return list(self.recipe.entropy_dirs)
         cfg = load_config(self.recipe.common + ["method=ntp"])
         return ensure_demo_entropy(cfg, self.base, out_root=os.path.join(self.base, "entropy"))
 

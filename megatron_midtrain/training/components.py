@@ -30,8 +30,8 @@ def build_policy(cfg, dtype: torch.dtype, layout):
         stage.cuda(torch.cuda.current_device())
     init_parameters([stage], cfg.run.seed, cfg.model.init_std, cfg.model.num_layers)
     ddp_config = DistributedDataParallelConfig(
-        # fp32 main grads for bf16/fp32 parameters; fp64 parameters (the fp64 parity tests,
-        # megatron_midtrain.testing.runs) keep fp64 gradients
+        # fp32 main grads for bf16/fp32 parameters; fp64 parameters (only the fp64 parity
+        # tests build them) keep fp64 gradients
         grad_reduce_in_fp32=dtype != torch.float64,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,

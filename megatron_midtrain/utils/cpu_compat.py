@@ -174,6 +174,17 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _l2_norm_fp64_accumulated(chunk_size, noop_flag, tensor_lists, per_tensor, *args):  # noqa: ARG001
+    """Drop-in for megatron's local ``multi_tensor_l2norm`` fallback (used without apex/TE), which
+    takes an fp32 ``torch.norm`` per tensor. On the CPU that is off by up to ~1e-4 relative on large
+    gradients (measured 6.6e-5 on the demo's tied-embedding gradient), and since every TP rank
+    norms its own shard, the gradient-clipping factor then differed by ~1.5e-5 between TP1 and TP2
+    (the fixed-rollout GRPO/RMT parity cells, issue 12). Squares are accumulated in fp64."""
+    squares = [torch.linalg.vector_norm(t, dtype=torch.float64).square() for ts in tensor_lists for t in ts]
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+    return total.float().reshape(1), None
+
+
 @contextlib.contextmanager
 def _tensor_cuda_is_identity():
     """Within the block, ``Tensor.cuda()`` returns the tensor itself (CPU)."""
@@ -236,6 +247,9 @@ def activate(force: bool = False) -> bool:
         _wrap_method(getattr(importlib.import_module(module_name), cls_name), method)
     opt_module = importlib.import_module("megatron.core.optimizer.optimizer")
     opt_module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    clip_module = importlib.import_module("megatron.core.optimizer.clip_grads")
+    if clip_module.l2_norm_impl is importlib.import_module("megatron.core.utils").local_multi_tensor_l2_norm:
+        clip_module.l2_norm_impl = _l2_norm_fp64_accumulated
     _ACTIVE = True
     return True
 
