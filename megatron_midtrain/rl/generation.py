@@ -86,6 +86,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_midtrain.errors import UserError
+from megatron_midtrain.model.tp1_inference import tp1_linear_shortcuts
 from megatron_midtrain.rl.generation_pipeline import StagePipeline, sequence_parallel_off
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -386,11 +387,12 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
     restore_sp = sequence_parallel_off(model)
     model.eval()
     try:
-        for k, rows in enumerate(batches):
-            out, why = _generate_batch(pipe, [prompts[i] for i in rows], params, vocab_size, generator, detokenize,
-                                       use_kv_cache, check_every, rewind_generator=k + 1 < len(batches))
-            for r, i in enumerate(rows):
-                responses[i], reasons[i] = out[r], why[r]
+        with tp1_linear_shortcuts(pipe.tp_size, sequence_parallel=False):  # SP is off for the call
+            for k, rows in enumerate(batches):
+                out, why = _generate_batch(pipe, [prompts[i] for i in rows], params, vocab_size, generator, detokenize,
+                                           use_kv_cache, check_every, rewind_generator=k + 1 < len(batches))
+                for r, i in enumerate(rows):
+                    responses[i], reasons[i] = out[r], why[r]
     finally:
         if pipe.pp_size > 1:
             model.set_input_tensor(None)
