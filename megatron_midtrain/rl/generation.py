@@ -55,10 +55,12 @@ Per-token cost (what a decode step does besides the model's forward):
 
 Measured on the CPU demo (``benchmarks/rollout.py --hf``: 64 rows x (32 prompt + 64 new
 tokens), greedy, 2 shared CPU cores, best of 5, measured with the same benchmark script before and after): ours 8,245 -> 8,630 tok/s
-against HF ``generate`` 12,096 / 9,915 tok/s in the same runs, i.e. 0.68x -> 0.87x. In one
+against HF ``generate`` 12,096 / 9,915 tok/s in the same runs, i.e. 0.68x -> 0.87x; with the TP1
+linear shortcuts (:mod:`megatron_midtrain.model.tp1_inference`, active during the call) 9,809 ->
+12,354 tok/s against HF 12,014 / 11,830, i.e. 0.82x -> 1.04x. In one
 interleaved A/B process (best of 7) the rotated-key cache alone took the old loop from 8,575 to
 9,836 tok/s; the loop changes alone are within the noise on the CPU (no host syncs exist there
-to save; they are for CUDA). What is left on the CPU is megatron's per-module Python overhead
+to save; they are for CUDA). What is left on the CPU is megatron's remaining per-module Python overhead
 around the same matmuls HF runs (cProfile: matmul ~63%, SDPA ~15% of ``generate``). Sampled
 tokens and finish reasons are unchanged for a given seed (the generator is consumed exactly as
 before; tests/test_refactor_baseline.py reproduces the GRPO/RMT records).
