@@ -15,6 +15,8 @@ held-out arithmetic accuracy.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -23,8 +25,6 @@ DOMAINS = {"prose": 0.0, "math": 1.0}
 
 
 def _scratch(workdir: str, what: str) -> list[str]:
-    import os
-
     # Each probe builds a Trainer (which owns a run dir for its lock and config): a scratch one.
     return [f"run.dir={os.path.join(workdir, 'scratch', what)}", "train.save_interval=0", "run.plot=false"]
 

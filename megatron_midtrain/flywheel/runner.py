@@ -147,19 +147,20 @@ class Flywheel:
             over.append(f"method.entropy_dirs=[{','.join(entropy)}]")
         name = f"{method}-s{seed}"
         mid = st.train(f"mid-{name}", over, "mid")
+        records = _records(mid)
         out = {"method": method, "seed": seed, "ablation": ablation, "run_dir": mid,
                "tokens": self.token_eval(name, mid), "accuracy_mid": self.accuracy(name, mid),
-               "curve": [{k: x[k] for k in ("step", "loss", "val/loss") if k in x} for x in _records(mid)],
-               "step_time_s": float(np.median([x["step_time_s"] for x in _records(mid)]))}
+               "curve": [{k: x[k] for k in ("step", "loss", "val/loss") if k in x} for x in records],
+               "step_time_s": float(np.median([x["step_time_s"] for x in records]))}
         if method.startswith("remit") and seed == r.seeds[0]:
             out["mechanism"] = self.mechanism(name, mid, reference)
         if method.startswith("remit"):
-            out["remit_train"] = [{k: x[k] for k in x if k == "step" or k.startswith("remit/")} for x in _records(mid)]
+            out["remit_train"] = [{k: x[k] for k in x if k == "step" or k.startswith("remit/")} for x in records]
         if not ablation:
             sft = st.train(f"post-sft-{name}", r.sft(mid, r.post_sft_steps), "post_sft")
             grpo = st.train(f"post-grpo-{name}", r.grpo(sft, r.post_grpo_steps), "post_grpo")
-            records = _records(grpo)
-            out["accuracy_post_sft"] = next(x["rl/heldout_accuracy_before"] for x in records if "rl/heldout_accuracy_before" in x)
-            out["accuracy_post"] = [x["rl/heldout_accuracy"] for x in records if "rl/heldout_accuracy" in x][-1]
+            post = _records(grpo)
+            out["accuracy_post_sft"] = next(x["rl/heldout_accuracy_before"] for x in post if "rl/heldout_accuracy_before" in x)
+            out["accuracy_post"] = [x["rl/heldout_accuracy"] for x in post if "rl/heldout_accuracy" in x][-1]
         log(f"{name}: " + json.dumps({k: v for k, v in out.items() if k.startswith("accuracy")}))
         return out
