@@ -184,6 +184,10 @@ def _real_rollouts_then_bad_input(overrides, bad_overrides, bad_dir):
         Trainer(load_config(with_test_defaults(bad_overrides)))
     except UserError as err:
         message = str(err)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # rank 0 holds the run lock (it creates the dir, then removes it on the
+        dist.barrier()         # error): look only once every rank has finished its failed start
     bad_written = os.path.exists(bad_dir)
     return {"records": train_and_report(overrides).get("records"), "message": message, "bad_written": bad_written}
 
