@@ -129,6 +129,18 @@ def _tp1_extras(model, prompts) -> dict:
     model.train()
     generate(model, prompts[:1], SamplingParams(max_new_tokens=2, greedy=True), vocab_size=VOCAB)
     out["training_restored"] = model.training
+    # generate runs under torch.inference_mode: the RoPE table a training forward of that same
+    # length gets from megatron's lru_cache must be an ordinary tensor (TE's fused RoPE saves it
+    # for backward, which autograd refuses for an inference tensor)
+    length = len(prompts[0]) + 2
+    table = model.rotary_pos_emb(length, packed_seq=False, cp_group=None)  # the key GPTModel.forward uses
+    out["rope_table_after_generate_is_inference"] = table.is_inference()
+    tokens = torch.tensor([prompts[0] + [1, 2]])
+    loss = model(tokens, torch.arange(length)[None], None).float().square().mean()
+    loss.backward()
+    out["trains_after_generate"] = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()) \
+        and any(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
     return out
 
 
@@ -218,6 +230,12 @@ def test_layouts_give_the_tp1_tokens(world, layout):
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_layouts_sample_the_tp1_tokens(world, layout):
     assert world[0][layout]["sampled_kv"].responses == world[0]["tp1"]["sampled_kv"].responses
+
+
+def test_training_after_generate_gets_no_inference_tensors(world):
+    extras = world[0]["tp1_extras"]
+    assert extras["rope_table_after_generate_is_inference"] is False
+    assert extras["trains_after_generate"]
 
 
 def test_sequence_parallel_and_training_flag_restored(world):
