@@ -68,6 +68,10 @@ EXTENDED_CELLS = [(f, m) for f in FAMILIES for m in METHODS if (f, m) not in COR
 #: the gradient-clipping norm (see tests/test_grad_parity.py), so exactness is checked in fp64.
 FP64_CELLS = [("llama", "grpo"), ("llama", "rmt")]
 FP64_LAYOUTS = ("tp1", "tp2", "pp2", "dp2")
+#: The same in the slow (extended) worlds: the RL cells with the largest fp32 step-3 differences
+#: (qwen3/rmt 8.6e-5 at PP2, olmo2/rmt 6.8e-5 at TP2, olmo2/grpo 2.8e-5 at TP2), whose model
+#: code (per-head and full-width QK-norm, post-norm) differs from Llama's.
+FP64_EXTENDED_CELLS = [("qwen3", "rmt"), ("olmo2", "rmt"), ("olmo2", "grpo")]
 
 #: Cells that cannot be layout-invariant by design, with the reason (reported, not compared).
 NOT_INVARIANT = {
@@ -91,7 +95,7 @@ def cell_overrides(family: str, method: str, layout: str, reference: str | None,
 def layout_runs(tmp_path_factory, demo_cache):
     """``layout_runs(layout, extended=False)`` -> {"references": {family: dir},
     (family, method): {"records", "grads"}} for CORE_CELLS (or, extended, EXTENDED_CELLS), and
-    ``(family, method, "fp64")`` for FP64_CELLS at FP64_LAYOUTS (core worlds).
+    ``(family, method, "fp64")`` for FP64_CELLS (core worlds) or FP64_EXTENDED_CELLS (extended) at FP64_LAYOUTS.
 
     One spawned world per layout (and cell set) runs those cells of the parity matrix, one
     after the other (spawning ranks and importing megatron is the slow part on a
@@ -127,7 +131,7 @@ def layout_runs(tmp_path_factory, demo_cache):
             over = cell_overrides(family, method, layout, references[family], entropy_dirs)
             jobs.append(("capture", over + [f"run.dir={root / family / method}"]))
             names.append((family, method))
-        for family, method in [] if extended or layout not in FP64_LAYOUTS else FP64_CELLS:
+        for family, method in (FP64_EXTENDED_CELLS if extended else FP64_CELLS) if layout in FP64_LAYOUTS else []:
             if (method, layout) in NOT_INVARIANT:
                 continue
             over = cell_overrides(family, method, layout, references[family], entropy_dirs)

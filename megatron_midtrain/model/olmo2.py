@@ -82,7 +82,10 @@ class FullWidthQKNorm(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(*shape[:-2], shape[-2] * shape[-1]).float()
+        # At least fp32 (bf16 activations are normalised in fp32), never *down* from fp64: an
+        # fp64 run (the parity tests' exactness check) must not round here to fp32.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        flat = x.reshape(*shape[:-2], shape[-2] * shape[-1]).to(compute)
         sq_sum = flat.pow(2).sum(dim=-1, keepdim=True)
         group = parallel_state.get_tensor_model_parallel_group()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -90,4 +93,4 @@ class FullWidthQKNorm(MegatronModule):
             sq_sum = dist_fn.all_reduce(sq_sum, group=group)
         normed = flat * torch.rsqrt(sq_sum / self.full_width + self.eps)
         weight = self.weight[self.offset: self.offset + self.local_width]
-        return (normed * weight.float()).to(x.dtype).reshape(shape)
+        return (normed * weight.to(compute)).to(x.dtype).reshape(shape)
