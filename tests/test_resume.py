@@ -200,3 +200,32 @@ def test_async_saved_checkpoint_resumes_exactly(resharded):
     assert probe["after"] == done, probe
     resumed, full = _after_resume(resharded["tp2_resumed"]), _after_resume(resharded["tp_uninterrupted"])
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full]
+
+
+def _train_recording_checkpoint_warnings(overrides):
+    import logging
+
+    seen = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logging.getLogger("megatron.core.dist_checkpointing").addHandler(Record(level=logging.WARNING))
+    records = train_and_report(overrides).get("records") or []  # rank 0 reports the records
+    return {"warnings": seen, "steps": [r["step"] for r in records]}
+
+
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_saves_at_dp2_print_no_overwrite_warning(async_save, tmp_path):
+    """Every save used to log megatron's "Overwriting old incomplete / corrupted checkpoint..."
+    (the per-rank RNG files were written into the directory before the save began)."""
+    out = run_distributed(_train_recording_checkpoint_warnings, 2,
+                          [f"run.dir={tmp_path}", "train.max_steps=2", "train.save_interval=1",
+                           f"train.async_save={async_save}"])
+    assert out[0]["steps"] == [1, 2]
+    assert complete_checkpoints(os.path.join(tmp_path, "checkpoints")) == [1, 2]
+    for rank in out:
+        assert not [w for w in rank["warnings"] if "Overwriting" in w], rank["warnings"]
+    assert all(os.path.exists(os.path.join(tmp_path, "checkpoints", f"iter_{s:07d}", "rng", f"rank{r:05d}.pt"))
+               for s in (1, 2) for r in (0, 1))

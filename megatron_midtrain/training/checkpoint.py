@@ -162,22 +162,31 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, extra:
     # Everything that is not a sharded tensor is "common" state, written once by rank 0.
     state["scheduler"] = scheduler.state_dict()
     state["step"] = step
-    # RNG state differs per rank, so it goes beside the sharded checkpoint, one file per rank
-    # (written now: it is this step's state, whenever the tensors reach the disk).
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    os.makedirs(os.path.join(partial_dir, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial_dir, "rng", f"rank{rank:05d}.pt"))
+    # RNG state differs per rank, so it goes beside the sharded checkpoint, one file per rank.
+    # Captured now (this step's state, whenever the tensors reach the disk) but written once
+    # dist_checkpointing.save has started: megatron warns "Overwriting old incomplete /
+    # corrupted checkpoint" on every save into a directory that is not empty when it begins.
+    # Rank 0 checks that before the save's first collective, so no rank can write earlier.
+    rng = _rng_state()
     publish = partial(_publish, root, final, partial_dir, step, extra, keep)
     if not async_save:
         dist_checkpointing.save(state, partial_dir)
+        _write_rng(partial_dir, rng)
         publish()
         return final
     request = dist_checkpointing.save(state, partial_dir, async_sharded_save=True)
+    _write_rng(partial_dir, rng)
     # megatron runs finalize functions on every rank once all ranks' writes are done, after
     # its own (which check the write results and write metadata.json).
     request.add_finalize_fn(publish)
     _async_queue().schedule_async_request(request)
     return final
+
+
+def _write_rng(partial_dir: str, rng: dict) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    os.makedirs(os.path.join(partial_dir, "rng"), exist_ok=True)
+    torch.save(rng, os.path.join(partial_dir, "rng", f"rank{rank:05d}.pt"))
 
 
 def _publish(root: str, final: str, partial_dir: str, step: int, extra: dict, keep: int) -> None:
