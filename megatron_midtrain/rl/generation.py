@@ -91,10 +91,9 @@ import torch
 
 from megatron_midtrain.errors import UserError
 from megatron_midtrain.model.tp1_inference import tp1_linear_shortcuts
-from megatron_midtrain.rl.generation_pipeline import StagePipeline, sequence_parallel_off
+from megatron_midtrain.rl.generation_pipeline import StagePipeline, forget_inference_tensors, sequence_parallel_off
 
 FINISH_REASONS = ("eos", "stop", "length")
-
 
 
 @dataclass
@@ -325,21 +324,6 @@ def _generate_batch(pipe: StagePipeline, prompts: list[list[int]], params: Sampl
     return responses, ["eos" if done else "length" for done in done_rows]
 
 
-def _forget_inference_tensors() -> None:
-    """Drop what megatron cached during a generate call: its RoPE tables (``RotaryEmbedding.forward``
-    and the YaRN variant are ``functools.lru_cache``\ d per (module, length, offset)) hold inference
-    tensors made under ``torch.inference_mode``, which a later training forward must not receive
-    (autograd refuses to save an inference tensor for backward). Rebuilding them costs one small
-    ``outer`` product per length on the next forward."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
-
-    for cls in (RotaryEmbedding, YarnRotaryEmbedding):
-        cache_clear = getattr(cls.forward, "cache_clear", None)
-        if cache_clear is not None:
-            cache_clear()
-
-
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_size: int, seed: int = 0,
              detokenize: Optional[Callable[[list[int]], str]] = None, use_kv_cache: bool = True, device=None,
              max_batch_rows: int = 64, check_every: Optional[int] = None) -> GenerationResult:
@@ -408,7 +392,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
         # inference_mode rather than no_grad: no version counters or view tracking on any tensor
         # of the call (measured +9% tok/s on the CPU demo). Its tensors must not outlive it in a
         # place training reads: the only such place is megatron's lru_cache'd RoPE tables, which
-        # are cleared on the way out (_forget_inference_tensors).
+        # are cleared on the way out (forget_inference_tensors).
         with torch.inference_mode(), tp1_linear_shortcuts(pipe.tp_size, sequence_parallel=False):  # SP is off
             for k, rows in enumerate(batches):
                 out, why = _generate_batch(pipe, [prompts[i] for i in rows], params, vocab_size, generator, detokenize,
@@ -416,7 +400,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, vocab_s
                 for r, i in enumerate(rows):
                     responses[i], reasons[i] = out[r], why[r]
     finally:
-        _forget_inference_tensors()
+        forget_inference_tensors()
         if pipe.pp_size > 1:
             model.set_input_tensor(None)
         for obj, attr in restore_sp:

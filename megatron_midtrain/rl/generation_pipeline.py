@@ -89,3 +89,18 @@ def sequence_parallel_off(model) -> list:
         saved.append((model.config, "sequence_parallel"))
         model.config.sequence_parallel = False
     return saved
+
+
+def forget_inference_tensors() -> None:
+    """Drop what megatron cached during a generate call: its RoPE tables (``RotaryEmbedding.forward``
+    and the YaRN variant are ``functools.lru_cache``-d per (module, length, offset)) hold inference
+    tensors made under ``torch.inference_mode``, which a later training forward must not receive
+    (autograd refuses to save an inference tensor for backward). Rebuilding them costs one small
+    ``outer`` product per length on the next forward."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    for cls in (RotaryEmbedding, YarnRotaryEmbedding):
+        cache_clear = getattr(cls.forward, "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
