@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "flywheel"), help="where results.md/json and flywheel.png go")
     parser.add_argument("--workdir", default=None, help="stage cache (default: <out>/work, or <out>/work-quick)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, --quick 2)")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the methods (default: all); NTP always runs, and the ablations of the chosen methods")
     args = parser.parse_args(argv)
 
     from megatron_midtrain.errors import UserError

@@ -138,6 +138,60 @@ def test_prefix_match_reward_edge_cases():
     assert score_prefix_match("\\boxed{}", gt, answer_format="boxed", empty_penalty=-0.7).reward == -0.7
 
 
+def test_plain_format_compares_whitespace_as_it_is():
+    # answer_format=plain: the response is the continuation itself. The ground truth " 23 foxes"
+    # as the demo's SentencePiece splits it: a lone space, then the digits.
+    gt = [b" ", b"2", b"3", b" foxes"]
+    assert score_prefix_match(" ", gt, answer_format="plain").correct  # before: "empty", -1
+    assert score_prefix_match(" 23", gt, answer_format="plain").correct
+    assert score_prefix_match(" 23 foxes", gt, answer_format="plain").correct
+    wrong = score_prefix_match("2", gt, answer_format="plain")  # skips the space: before, "correct"
+    assert wrong.status == "wrong" and wrong.reward == 0.0
+    assert score_prefix_match(" 2", gt, answer_format="plain").correct
+    assert score_prefix_match(" 24", gt, answer_format="plain").reward == 0.0
+    assert score_prefix_match("\n", [b"\n", b"Next"], answer_format="plain").correct
+    assert score_prefix_match("", gt, answer_format="plain", empty_penalty=-0.5).reward == -0.5  # e.g. an immediate EOS
+    # trailing whitespace is part of the prediction: " foxes " is not a prefix of " foxes"
+    assert score_prefix_match(" foxes ", [b" foxes"], answer_format="plain").reward == 0.0
+    # the tagged formats keep the whitespace-insensitive rule (a model writes <answer>23</answer>)
+    assert score_prefix_match("<answer>23</answer>", gt).correct
+
+
+class _SentencePieceLike:
+    """Decodes as SentencePiece does: a token's leading "▁" becomes a space, except at the start."""
+
+    pieces = {1: "▁counted", 2: "▁", 3: "2", 4: "3", 5: "▁foxes"}
+
+    def detokenize(self, ids):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+def test_response_text_reads_as_after_the_prompt():
+    from megatron_midtrain.rl.tasks import NextTokenTask, Prompt, continuation_bytes, response_text
+
+    tok = _SentencePieceLike()
+    context, target = [1], [2, 3, 4, 5]
+    gt = continuation_bytes(tok, context, target)
+    assert gt == [b" ", b"2", b"3", b" foxes"]
+    assert response_text(tok, [5], None, ()) == "foxes"  # decoded alone, the space is gone
+    assert response_text(tok, [5], None, (), after=context) == " foxes"
+    assert response_text(tok, [2, 3, 4], None, (), after=context) == " 23"
+    assert response_text(tok, [2, 3, 0], 0, (), after=context) == " 2"  # a final EOS is dropped
+    assert response_text(tok, [0], 0, (), after=context) == ""
+
+    class Cfg:
+        answer_format, missing_penalty, empty_penalty, answer_regex = "plain", -1.0, -1.0, None
+        reward_combine, reward_w_acc, reward_w_len = "sum", 1.0, 1.0
+
+    task = NextTokenTask.__new__(NextTokenTask)
+    task.cfg = Cfg()
+    prompt = Prompt(ids=context, budget=1, target_bytes=gt)
+    for response, acc in (([2], 1.0), ([3], 0.0), ([5], 0.0), ([0], -1.0)):
+        reward, result, _ = task.score(response_text(tok, response, 0, (), after=prompt.ids[-1:]), len(response), prompt)
+        assert result.reward == acc, (response, result)
+        assert reward == acc + 1.0  # the length reward of one token at budget 1
+
+
 def test_extract_answer():
     assert extract_answer("a <answer>x</answer> b <answer>y</answer>") == "y"
     assert extract_answer("no tag") is None

@@ -108,7 +108,8 @@ class RLMethodConfig(MethodConfig):
     answer_format: str = "answer_tag"
     """Where the answer is read (the last occurrence counts): answer_tag (<answer>…</answer>),
     boxed (\\boxed{…}), answer_is ("The answer is …", the demo arithmetic), plain (the whole
-    response, for base models that have never seen an answer format, e.g. the CPU demo), gsm8k
+    response, for base models that have never seen an answer format, e.g. the CPU demo; RMT
+    compares its bytes as they read after the prompt, whitespace included), gsm8k
     (the rest of the line after the last "####") or regex (group 1 of the last match of
     answer_regex). A reference answer holding "####" (a GSM8K solution) is graded by the text
     after its last "####", whatever the format."""

@@ -31,14 +31,19 @@ METHODS = {
 #: Which reference each method reads (None: none).
 REFERENCE = {"remit": "rl", "remit_sft": "sft", "rho1": "rl", "kd": "rl"}
 #: Ablations (mid-training and evaluation only, no post-training): ReMiT's centring and ε (RL
-#: reference), and RMT at its own demo recipe's optimizer (lr 1e-3, constant) instead of the shared one.
+#: reference); RMT at its own demo recipe's optimizer (lr 1e-3, constant) instead of the shared
+#: one, and with the NTP term at weight 1.
 ABLATIONS = {
     "remit_doc": ["method=remit", "method.center=document"],
     "remit_eps0.1": ["method=remit", "method.clip_eps=0.1"],
     "remit_eps0.5": ["method=remit", "method.clip_eps=0.5"],
     "rmt_lr1e-3": ["experiment=rmt_demo"],
+    # λ = 1 instead of the demo's 0.1: is the weak NTP term what lets the GRPO term's noise win?
+    "rmt_ntp1": METHODS["rmt"] + ["method.ntp_weight=1.0"],
 }
 REFERENCE.update({"remit_doc": "rl", "remit_eps0.1": "rl", "remit_eps0.5": "rl"})
+#: The method each ablation varies: it runs when that method is selected (``--methods``).
+ABLATION_OF = {"remit_doc": "remit", "remit_eps0.1": "remit", "remit_eps0.5": "remit", "rmt_lr1e-3": "rmt", "rmt_ntp1": "rmt"}
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 from megatron_midtrain.flywheel import probe as pr
 from megatron_midtrain.flywheel.mechanism import weight_summary
 from megatron_midtrain.flywheel.pipeline import Progress, Stages, log
-from megatron_midtrain.flywheel.recipe import ABLATIONS, METHODS, REFERENCE, Recipe
+from megatron_midtrain.flywheel.recipe import ABLATION_OF, ABLATIONS, METHODS, REFERENCE, Recipe
 
 
 def _records(run_dir: str) -> list[dict]:
@@ -32,7 +32,7 @@ class Flywheel:
         self.workdir = os.path.abspath(workdir)
         self.recipe = recipe
         self.methods = methods or list(METHODS)
-        self.ablations = list(ABLATIONS) if recipe.ablations else []
+        self.ablations = [a for a in ABLATIONS if recipe.ablations and ABLATION_OF[a] in self.methods]
         n_seeds, n_mid = len(recipe.seeds), len(recipe.seeds) * (len(self.methods) + len(self.ablations))
         n_remit = sum(m.startswith("remit") for m in self.methods + self.ablations)
         expected = {"base": 1, "sft": 1, "grpo": 1, "mid": n_mid, "post_sft": n_seeds * len(self.methods),

@@ -186,10 +186,26 @@ def score_prefix_match(
     The answer is taken with :func:`extract_answer` (``answer_regex`` for ``regex``). Trailing whitespace of the answer is
     removed (``<answer> the </answer>`` predicts ``"the"``); leading whitespace is handled by
     :func:`prefix_match`. See :func:`prefix_match` for the byte/boundary rule.
+
+    ``answer_format="plain"`` (the response is the predicted continuation itself, as the
+    ``{context}`` demo prompt makes it): the response's bytes are compared as they are, whitespace
+    included (pass the text as it reads after the prompt, ``tasks.response_text(after=...)``); only
+    a response with no bytes at all (e.g. an immediate EOS) is empty. A lone space or a newline
+    is then a prediction like any other, right when the ground truth's next token is one.
     """
     raw = extract_answer(response, answer_format, answer_regex)
     if raw is None:
         return RewardResult(float(missing_penalty), STATUS_MISSING, None)
+    if answer_format == "plain":
+        # The response *is* the continuation, token for token, so its bytes are compared as they
+        # are. Stripping whitespace here made every whitespace ground-truth token unmatchable (a
+        # correct lone "▁" before a number, or a newline, scored as empty, -1) and rewarded skipping
+        # it ("2" for " 23" scored correct). The demo's SentencePiece puts a lone "▁" before every
+        # number (17% of the arithmetic tokens), so RMT was rewarded for dropping it.
+        if not raw:
+            return RewardResult(float(empty_penalty), STATUS_EMPTY, raw)
+        ok = prefix_match(raw, gt_token_bytes, strip_leading_whitespace=False)
+        return RewardResult(1.0 if ok else 0.0, STATUS_CORRECT if ok else STATUS_WRONG, raw)
     pred = raw.strip() if strip_leading_whitespace else raw.rstrip()
     if not pred.strip():
         return RewardResult(float(empty_penalty), STATUS_EMPTY, pred)

@@ -157,7 +157,7 @@ class RolloutStep:
         # 3. rewards and advantages
         rewards, statuses, lengths, len_rewards = [], [], [], []
         for i, resp in enumerate(gen.responses):
-            text = response_text(self.tokenizer, resp, self.eos_id, rl.stop_strings)
+            text = response_text(self.tokenizer, resp, self.eos_id, rl.stop_strings, after=prompts[i // G].ids[-1:])
             r, acc, r_len = self.task.score(text, len(resp), prompts[i // G])
             rewards.append(r)
             statuses.append(acc.status)
@@ -268,7 +268,7 @@ class RolloutStep:
             params = self.sampling(self.cfg.train.max_steps, greedy=True)
             gen = self.generator(self.cfg.train.max_steps, [p.ids for p in prompts], params, seed=0)
             for p, resp in zip(prompts, gen.responses):
-                text = response_text(self.tokenizer, resp, self.eos_id, self.rl.stop_strings)
+                text = response_text(self.tokenizer, resp, self.eos_id, self.rl.stop_strings, after=p.ids[-1:])
                 correct += score_verifiable(text, p, self.rl).status == STATUS_CORRECT
         total = sum(gather_dp([correct]))
         return total / max(1, len(problems))

@@ -56,10 +56,21 @@ def continuation_bytes(tokenizer, context_ids: list[int], target_ids: list[int])
     return out
 
 
-def response_text(tokenizer, response: list[int], eos_id: int | None, stop_strings) -> str:
-    """The response's text without a final EOS and cut at the first stop string."""
-    ids = response[:-1] if response and eos_id is not None and response[-1] == eos_id else response
-    text = tokenizer.detokenize(list(ids))
+def response_text(tokenizer, response: list[int], eos_id: int | None, stop_strings, after: list[int] = ()) -> str:
+    """The response's text without a final EOS and cut at the first stop string.
+
+    ``after``: the prompt's last token(s). The text is then the response as it reads after them
+    (``decode(after + response) - decode(after)``), as :func:`continuation_bytes` decodes the
+    ground truth: a SentencePiece tokenizer drops the word-separating space of a response's first
+    token when it is decoded alone, and ``answer_format=plain`` compares those bytes as they are.
+    """
+    ids = list(response[:-1] if response and eos_id is not None and response[-1] == eos_id else response)
+    text = tokenizer.detokenize(ids)
+    if after and ids:
+        anchor = tokenizer.detokenize(list(after))
+        joined = tokenizer.detokenize(list(after) + ids)
+        if joined.startswith(anchor):
+            text = joined[len(anchor):]
     for stop in stop_strings:
         if stop and stop in text:
             text = text[: text.index(stop)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Record 10-step losses of every method before issue 13's trainer restructuring.
 
-    python tests/data/record_refactor_baseline.py [--out tests/data/refactor_baseline.json]
+    python tests/data/record_refactor_baseline.py [--out tests/data/refactor_baseline.json] [--this-machine]
 
 Issue 13 restructures the training core with no change in behaviour; the suite then has to
 reproduce these numbers bit for bit (fp32, CPU, gloo). For ntp, remit (co-located and
@@ -14,6 +14,11 @@ reference is the demo model after 4 NTP steps at lr 1e-2 (as in tests/conftest.p
 offline store is that reference's scores of the same 10 steps.
 
 ``record(root)`` returns the same structure as the JSON, so a test can rerun it and compare.
+
+Bit-for-bit holds on one kind of machine only: fp32 results depend on the CPU's vector ISA
+(ATen's ``AVX2``/``AVX512`` kernels, MKL's code path) and the thread count. ``--this-machine``
+adds the current code's record under :func:`machine_fingerprint` (the ``machines`` key) and keeps
+everything else; the test compares bitwise against the record of its own kind of machine.
 """
 
 from __future__ import annotations
@@ -91,15 +96,40 @@ def record(root: str) -> dict:
     return out
 
 
+def machine_fingerprint() -> str:
+    """What fp32 bit-for-bit results depend on: architecture, CPU model, ATen's vector ISA,
+    intra-op threads and the torch build."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{platform.machine()} | {model} | {torch.backends.cpu.get_cpu_capability()} | "
+            f"{torch.get_num_threads()} threads | torch {torch.__version__}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "refactor_baseline.json"))
+    parser.add_argument("--this-machine", action="store_true",
+                        help="add the record under this machine's fingerprint, keep the rest of --out")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as root:
         data = record(root)
+    if args.this_machine:
+        with open(args.out) as fh:
+            out = json.load(fh)
+        out.setdefault("machines", {})[machine_fingerprint()] = data
+    else:
+        out = {"steps": STEPS, "losses": data}
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump({"steps": STEPS, "losses": data}, fh, indent=1)
+        json.dump(out, fh, indent=1)
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
