@@ -66,3 +66,14 @@ def test_weight_summary(tokenizer):
     s = weight_summary(probe, ref, 0.2, "sequence", tokenizer.eod, tokenizer)
     assert s["w_answers"] == pytest.approx(1.2) and s["w_other_than_answers"] < 1.0
     assert 0 < s["frac_high"] < 0.5 and s["delta_mean"] > 0
+
+
+def test_ablations_follow_the_chosen_methods(tmp_path):
+    from megatron_midtrain.flywheel.recipe import ABLATION_OF, ABLATIONS, Recipe
+    from megatron_midtrain.flywheel.runner import Flywheel
+
+    assert set(ABLATION_OF) == set(ABLATIONS)
+    assert Flywheel(str(tmp_path), Recipe(), ["ntp", "rmt"]).ablations == ["rmt_lr1e-3", "rmt_ntp1"]
+    assert Flywheel(str(tmp_path), Recipe(), ["ntp"]).ablations == []
+    assert len(Flywheel(str(tmp_path), Recipe()).ablations) == len(ABLATIONS)
+    assert Flywheel(str(tmp_path), Recipe.quick()).ablations == []
