@@ -77,7 +77,8 @@ def record(root: str) -> dict:
     from megatron_midtrain.testing.rollouts import demo_entropy_dirs
     from megatron_midtrain.testing.runs import run_jobs
 
-    cache = os.environ.setdefault("MIDTRAIN_CACHE", os.path.join(root, "cache"))
+    # `or`: an empty MIDTRAIN_CACHE (as `MIDTRAIN_CACHE= python ...` sets it) would mean the cwd
+    cache = os.environ["MIDTRAIN_CACHE"] = os.environ.get("MIDTRAIN_CACHE") or os.path.join(root, "cache")
     ensure_demo_assets(cache)
     ref, store = os.path.join(root, "reference"), os.path.join(root, "scores")
     run_distributed(run_jobs, 1, [("train", ["train.max_steps=4", "optimizer.lr=1e-2", "run.seed=7", f"run.dir={ref}"])],
