@@ -65,12 +65,9 @@ def response_text(tokenizer, response: list[int], eos_id: int | None, stop_strin
     token when it is decoded alone, and ``answer_format=plain`` compares those bytes as they are.
     """
     ids = list(response[:-1] if response and eos_id is not None and response[-1] == eos_id else response)
-    text = tokenizer.detokenize(ids)
-    if after and ids:
-        anchor = tokenizer.detokenize(list(after))
-        joined = tokenizer.detokenize(list(after) + ids)
-        if joined.startswith(anchor):
-            text = joined[len(anchor):]
+    anchor = tokenizer.detokenize(list(after)) if after and ids else None
+    joined = tokenizer.detokenize(list(after) + ids) if anchor is not None else None
+    text = joined[len(anchor):] if joined is not None and joined.startswith(anchor) else tokenizer.detokenize(ids)
     for stop in stop_strings:
         if stop and stop in text:
             text = text[: text.index(stop)]
