@@ -73,6 +73,12 @@ FP64_LAYOUTS = ("tp1", "tp2", "pp2", "dp2")
 #: code (per-head and full-width QK-norm, post-norm) differs from Llama's.
 FP64_EXTENDED_CELLS = [("qwen3", "rmt"), ("olmo2", "rmt"), ("olmo2", "grpo")]
 
+#: Methods whose fp32 gradients after step 3 are compared against a rounding floor: the same
+#: cell at TP1 from weights one ulp away (megatron_midtrain.testing.runs.train_and_capture_nudged),
+#: run in the tp1 worlds. Their cancelling RL gradients, stepped by Adam, carry step 1's fp32
+#: rounding to ~1e-5 by step 3 at any layout, TP1 against itself included (tests/test_grad_parity.py).
+ROUNDING_CONTROL_METHODS = ("grpo", "rmt")
+
 #: Cells that cannot be layout-invariant by design, with the reason (reported, not compared).
 NOT_INVARIANT = {
     ("rmt", "dp2"): "the entropy curriculum draws Φ_RL per data-parallel rank (seeded by the DP rank)",
@@ -95,7 +101,8 @@ def cell_overrides(family: str, method: str, layout: str, reference: str | None,
 def layout_runs(tmp_path_factory, demo_cache):
     """``layout_runs(layout, extended=False)`` -> {"references": {family: dir},
     (family, method): {"records", "grads"}} for CORE_CELLS (or, extended, EXTENDED_CELLS), and
-    ``(family, method, "fp64")`` for FP64_CELLS (core worlds) or FP64_EXTENDED_CELLS (extended) at FP64_LAYOUTS.
+    ``(family, method, "fp64")`` for FP64_CELLS (core worlds) or FP64_EXTENDED_CELLS (extended) at FP64_LAYOUTS,
+    and, at tp1, ``(family, method, "nudged")``, the rounding control, for the ROUNDING_CONTROL_METHODS cells.
 
     One spawned world per layout (and cell set) runs those cells of the parity matrix, one
     after the other (spawning ranks and importing megatron is the slow part on a
@@ -137,6 +144,11 @@ def layout_runs(tmp_path_factory, demo_cache):
             over = cell_overrides(family, method, layout, references[family], entropy_dirs)
             jobs.append(("capture_fp64", over + [f"run.dir={root / family / (method + '_fp64')}"]))
             names.append((family, method, "fp64"))
+        for family, method in (EXTENDED_CELLS if extended else CORE_CELLS) if layout == "tp1" else []:
+            if method in ROUNDING_CONTROL_METHODS:
+                over = cell_overrides(family, method, layout, references[family], entropy_dirs)
+                jobs.append(("capture_nudged", over + [f"run.dir={root / family / (method + '_nudged')}"]))
+                names.append((family, method, "nudged"))
         results = run_distributed(run_jobs, world, jobs, timeout_s=3600)[0]
         done[(layout, extended)] = {"references": references, **{n: r for n, r in zip(names, results) if n is not None}}
         return done[(layout, extended)]

@@ -41,3 +41,21 @@ class CaptureGradients(Callback):
         if record["step"] in self.steps:
             # After the step the buffers still hold its (reduced, clipped) gradients.
             self.captured[record["step"]] = full_gradients([trainer.model])
+
+
+class NudgeWeights(Callback):
+    """Moves every parameter by one ulp before the first step: a third of the elements up, a
+    third down, a third untouched (seeded). A rounding-sized perturbation of the same model at
+    the same layout, so a run with it measures how far fp32 rounding alone carries a run: the
+    rounding floor the layout-parity tests compare later steps against."""
+
+    def __init__(self, seed: int = 1234):
+        self.seed = seed
+
+    def on_train_start(self, trainer) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                direction = torch.randint(-1, 2, tuple(param.shape), generator=gen).to(param.device, param.dtype)
+                nudged = torch.nextafter(param.data, param.data + direction)
+                param.data.copy_(torch.where(direction == 0, param.data, nudged))

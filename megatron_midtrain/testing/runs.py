@@ -88,11 +88,13 @@ def save_initial_checkpoint(overrides: list[str], keep_distributed: bool = False
 
 
 def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
-                      keep_distributed: bool = False) -> dict:
+                      keep_distributed: bool = False, nudge_weights: bool = False) -> dict:
     """Train with ``overrides`` and, right after each step in ``capture_steps``, gather every
     parameter's gradient to full tensors (:func:`megatron_midtrain.testing.grads.full_gradients`).
 
-    RL methods take :func:`megatron_midtrain.testing.rollouts.fixed_rollouts`. Rank 0 saves
+    RL methods take :func:`megatron_midtrain.testing.rollouts.fixed_rollouts`. With
+    ``nudge_weights`` every initial weight first moves by one ulp
+    (:class:`~megatron_midtrain.testing.callbacks.NudgeWeights`: the rounding control). Rank 0 saves
     ``{step: FullGradients}`` to ``grads_file`` (default ``<run.dir>/grads.pt``) and returns
     ``{"records": per-step metrics, "grads": that path}``; other ranks return {}.
     """
@@ -100,10 +102,11 @@ def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: st
 
     import torch
 
-    from megatron_midtrain.testing.callbacks import CaptureGradients
+    from megatron_midtrain.testing.callbacks import CaptureGradients, NudgeWeights
 
     capture = CaptureGradients(capture_steps)
-    out = train_and_report(overrides, keep_distributed, callbacks=[capture], fixed_rollouts=True)
+    callbacks = ([NudgeWeights()] if nudge_weights else []) + [capture]
+    out = train_and_report(overrides, keep_distributed, callbacks=callbacks, fixed_rollouts=True)
     if not out:
         return {}
     path = grads_file or os.path.join(out["run_dir"], "grads.pt")
@@ -146,8 +149,14 @@ def train_and_capture_fp64(overrides: list[str], capture_steps=(1, 3), grads_fil
         return train_and_capture(overrides, capture_steps, grads_file, keep_distributed)
 
 
+def train_and_capture_nudged(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
+                             keep_distributed: bool = False) -> dict:
+    """:func:`train_and_capture` from weights one ulp away (the rounding control of the parity tests)."""
+    return train_and_capture(overrides, capture_steps, grads_file, keep_distributed, nudge_weights=True)
+
+
 JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture,
-        "capture_fp64": train_and_capture_fp64}
+        "capture_fp64": train_and_capture_fp64, "capture_nudged": train_and_capture_nudged}
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]]) -> list:
