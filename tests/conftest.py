@@ -79,6 +79,9 @@ FP64_EXTENDED_CELLS = [("qwen3", "rmt"), ("olmo2", "rmt"), ("olmo2", "grpo")]
 #: run in the tp1 worlds. Their cancelling RL gradients, stepped by Adam, carry step 1's fp32
 #: rounding to ~1e-5 by step 3 at any layout, TP1 against itself included (tests/test_grad_parity.py).
 ROUNDING_CONTROL_METHODS = ("grpo", "rmt")
+#: The cell that also runs at tp2 with a deliberate 1% optimizer-state defect after step 1, which
+#: the step-3 check must catch (test_grad_parity.test_step_3_check_catches_an_optimizer_state_defect).
+DEFECT_CELL = ("llama", "grpo")
 
 #: Cells that cannot be layout-invariant by design, with the reason (reported, not compared).
 NOT_INVARIANT = {
@@ -103,7 +106,8 @@ def layout_runs(tmp_path_factory, demo_cache):
     """``layout_runs(layout, extended=False)`` -> {"references": {family: dir},
     (family, method): {"records", "grads"}} for CORE_CELLS (or, extended, EXTENDED_CELLS), and
     ``(family, method, "fp64")`` for FP64_CELLS (core worlds) or FP64_EXTENDED_CELLS (extended) at FP64_LAYOUTS,
-    and, at tp1, ``(family, method, "nudged")``, the rounding control, for the ROUNDING_CONTROL_METHODS cells.
+    and, at tp1, ``(family, method, "nudged")``, the rounding control, for the ROUNDING_CONTROL_METHODS cells,
+    and, at tp2, ``DEFECT_CELL + ("moment_defect",)``.
 
     One spawned world per layout (and cell set) runs those cells of the parity matrix, one
     after the other (spawning ranks and importing megatron is the slow part on a
@@ -150,6 +154,10 @@ def layout_runs(tmp_path_factory, demo_cache):
                 over = cell_overrides(family, method, layout, references[family], entropy_dirs)
                 jobs.append(("capture_nudged", over + [f"run.dir={root / family / (method + '_nudged')}"]))
                 names.append((family, method, "nudged"))
+        if layout == "tp2" and not extended:
+            over = cell_overrides(*DEFECT_CELL, layout, references[DEFECT_CELL[0]], entropy_dirs)
+            jobs.append(("capture_moment_defect", over + [f"run.dir={root / DEFECT_CELL[0] / 'moment_defect'}"]))
+            names.append(DEFECT_CELL + ("moment_defect",))
         results = run_distributed(run_jobs, world, jobs, timeout_s=3600)[0]
         done[(layout, extended)] = {"references": references, **{n: r for n, r in zip(names, results) if n is not None}}
         return done[(layout, extended)]

@@ -59,3 +59,25 @@ class NudgeWeights(Callback):
                 direction = torch.randint(-1, 2, tuple(param.shape), generator=gen).to(param.device, param.dtype)
                 nudged = torch.nextafter(param.data, param.data + direction)
                 param.data.copy_(torch.where(direction == 0, param.data, nudged))
+
+
+class ScaleAdamMoments(Callback):
+    """A deliberate optimizer-state defect, for proving that the parity tests can fail at step 3:
+    after step ``step``, the ranks of tensor-parallel rank ``tp_rank`` multiply their Adam first
+    moments by ``factor`` (as a shard's state restored or reduced wrongly would). Step ``step``'s
+    gradients are untouched; only later steps see it."""
+
+    def __init__(self, step: int = 1, factor: float = 0.99, tp_rank: int = 1):
+        self.step, self.factor, self.tp_rank = step, factor, tp_rank
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        from megatron.core import parallel_state
+
+        if record["step"] != self.step or parallel_state.get_tensor_model_parallel_rank() != self.tp_rank:
+            return
+        chained = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+        moments = [state["exp_avg"] for opt in chained for state in opt.optimizer.state.values() if "exp_avg" in state]
+        if not moments:
+            raise RuntimeError("ScaleAdamMoments found no Adam moments to change")
+        for moment in moments:
+            moment.mul_(self.factor)

@@ -88,13 +88,15 @@ def save_initial_checkpoint(overrides: list[str], keep_distributed: bool = False
 
 
 def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
-                      keep_distributed: bool = False, nudge_weights: bool = False) -> dict:
+                      keep_distributed: bool = False, nudge_weights: bool = False, moment_defect: bool = False) -> dict:
     """Train with ``overrides`` and, right after each step in ``capture_steps``, gather every
     parameter's gradient to full tensors (:func:`megatron_midtrain.testing.grads.full_gradients`).
 
     RL methods take :func:`megatron_midtrain.testing.rollouts.fixed_rollouts`. With
     ``nudge_weights`` every initial weight first moves by one ulp
-    (:class:`~megatron_midtrain.testing.callbacks.NudgeWeights`: the rounding control). Rank 0 saves
+    (:class:`~megatron_midtrain.testing.callbacks.NudgeWeights`: the rounding control); with
+    ``moment_defect`` TP rank 1's Adam first moments are scaled by 0.99 after step 1
+    (:class:`~megatron_midtrain.testing.callbacks.ScaleAdamMoments`: a defect the tests must see). Rank 0 saves
     ``{step: FullGradients}`` to ``grads_file`` (default ``<run.dir>/grads.pt``) and returns
     ``{"records": per-step metrics, "grads": that path}``; other ranks return {}.
     """
@@ -102,10 +104,10 @@ def train_and_capture(overrides: list[str], capture_steps=(1, 3), grads_file: st
 
     import torch
 
-    from megatron_midtrain.testing.callbacks import CaptureGradients, NudgeWeights
+    from megatron_midtrain.testing.callbacks import CaptureGradients, NudgeWeights, ScaleAdamMoments
 
     capture = CaptureGradients(capture_steps)
-    callbacks = ([NudgeWeights()] if nudge_weights else []) + [capture]
+    callbacks = ([NudgeWeights()] if nudge_weights else []) + ([ScaleAdamMoments()] if moment_defect else []) + [capture]
     out = train_and_report(overrides, keep_distributed, callbacks=callbacks, fixed_rollouts=True)
     if not out:
         return {}
@@ -155,8 +157,15 @@ def train_and_capture_nudged(overrides: list[str], capture_steps=(1, 3), grads_f
     return train_and_capture(overrides, capture_steps, grads_file, keep_distributed, nudge_weights=True)
 
 
+def train_and_capture_moment_defect(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
+                                    keep_distributed: bool = False) -> dict:
+    """:func:`train_and_capture` with a 1% optimizer-state defect on TP rank 1 after step 1."""
+    return train_and_capture(overrides, capture_steps, grads_file, keep_distributed, moment_defect=True)
+
+
 JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture,
-        "capture_fp64": train_and_capture_fp64, "capture_nudged": train_and_capture_nudged}
+        "capture_fp64": train_and_capture_fp64, "capture_nudged": train_and_capture_nudged,
+        "capture_moment_defect": train_and_capture_moment_defect}
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]]) -> list:
