@@ -1,4 +1,5 @@
-"""tools/plot_parity_trajectories.py: the parity trajectory figure and its table, on made-up runs."""
+"""tools/plot_parity_trajectories.py (the parity trajectory figure and its table, on made-up runs) and
+tools/parity_rounding_probe.py (the rounding floor behind the GRPO/RMT step-3 bound)."""
 
 import json
 import subprocess
@@ -45,3 +46,30 @@ def test_bad_input_is_one_error_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "is not a directory" in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_rounding_probe_runs_and_reports_its_variants(tmp_path):
+    """tools/parity_rounding_probe.py (the figures behind test_grad_parity's rounding floor) runs."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "parity_rounding_probe.py"), "--workdir", str(tmp_path),
+                           "--", "method=ntp", "train.max_steps=3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| nudged"))
+    step1, step3 = (float(c) for c in row.split("|")[2:4])
+    assert 0 < step1 <= 1e-5 and step3 <= 1e-4  # one ulp away stays one rounding away
+
+
+def test_tiny_gradient_share_counts_only_the_tiny_gradient_elements():
+    import torch
+
+    from megatron_midtrain.testing.grads import FullGradients
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from parity_rounding_probe import tiny_gradient_share
+
+    def run(params, grads):
+        return {"params": FullGradients(tensors={("w", None): torch.tensor(params)}),
+                "grads": {1: FullGradients(tensors={("w", None): torch.tensor(grads)})}}
+
+    base = run([0.0, 0.0, 0.0], [1e-9, 1e-3, 1e-3])
+    other = run([3.0, 1.0, 0.0], [1e-9, 1e-3, 1e-3])
+    assert tiny_gradient_share(base, other) == 0.9  # 9 of 10 on the one tiny-gradient element
