@@ -11,7 +11,7 @@ GRPO and RMT after step 3 are the one exception, and it is not a layout's: their
 gradients sit ~1e-5 from TP1's at *every* layout, TP1 itself included. They are held to
 ``GRAD_RTOL + ROUNDING_FACTOR x`` the cell's rounding floor, measured in the same session: the
 same cell at TP1 from weights one ulp away (conftest.ROUNDING_CONTROL_METHODS). Why (llama GRPO,
-this 2-core AVX-512 EPYC; ``tools/parity_rounding_probe.py`` prints the controls below, and
+this 2-core AVX-512 EPYC; ``tests/data/parity_rounding_probe.py`` prints the controls below, and
 ``pytest -s`` on this file every cell's figures):
 
 * step 1 matches at every layout (<= 2.1e-6 over every family, asserted at GRAD_RTOL), so the

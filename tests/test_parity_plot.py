@@ -1,5 +1,5 @@
 """tools/plot_parity_trajectories.py (the parity trajectory figure and its table, on made-up runs) and
-tools/parity_rounding_probe.py (the rounding floor behind the GRPO/RMT step-3 bound)."""
+tests/data/parity_rounding_probe.py (the rounding floor behind the GRPO/RMT step-3 bound)."""
 
 import json
 import subprocess
@@ -49,8 +49,8 @@ def test_bad_input_is_one_error_line(tmp_path):
 
 
 def test_rounding_probe_runs_and_reports_its_variants(tmp_path):
-    """tools/parity_rounding_probe.py (the figures behind test_grad_parity's rounding floor) runs."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "parity_rounding_probe.py"), "--workdir", str(tmp_path),
+    """tests/data/parity_rounding_probe.py (the figures behind test_grad_parity's rounding floor) runs."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "data" / "parity_rounding_probe.py"), "--workdir", str(tmp_path),
                            "--", "method=ntp", "train.max_steps=3"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| nudged"))
@@ -63,7 +63,7 @@ def test_tiny_gradient_share_counts_only_the_tiny_gradient_elements():
 
     from megatron_midtrain.testing.grads import FullGradients
 
-    sys.path.insert(0, str(ROOT / "tools"))
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
     from parity_rounding_probe import tiny_gradient_share
 
     def run(params, grads):

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """How far fp32 rounding alone carries a run: the rounding floor of the layout-parity tests.
 
+A test-side measurement script (it drives megatron_midtrain.testing, which tools/ may not import).
+
 Runs the same training run (fixed rollouts for the RL methods, as tests/test_grad_parity.py does)
 at TP1, then variants of it, and prints each variant's worst per-parameter relative gradient
 difference from the TP1 run after steps 1 and 3, and where the step-1 *parameter* difference sits:
@@ -12,7 +14,7 @@ difference from the TP1 run after steps 1 and 3, and where the step-1 *parameter
 
 Example (the figures of tests/test_grad_parity.py's docstring; llama GRPO as the parity cell)::
 
-    python tools/parity_rounding_probe.py --kernels avx2 --layout parallel.tp=2 --world 2 -- \\
+    python tests/data/parity_rounding_probe.py --kernels avx2 --layout parallel.tp=2 --world 2 -- \\
         method=grpo method.eval_problems=0 method.answer_format=plain train.max_steps=3 \\
         method.prompts_per_step=4 method.group_size=4 method.rollout_micro_batch_size=4 \\
         method.max_new_tokens=8 optimizer.lr=1e-3 schedule.warmup_steps=0
@@ -25,7 +27,7 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 
 #: Elements with a step-1 gradient below this are where Adam's ``g / (|g| + eps)`` is steep.
 TINY_GRAD = 1e-7
