@@ -158,8 +158,7 @@ def test_rounding_control_is_the_same_model_one_ulp_away(family, method, layout_
 def test_step_3_check_catches_an_optimizer_state_defect(layout_runs):
     """The rounding-floor bound still sees a defect that only later steps carry: TP2 with TP rank
     1's Adam first moments scaled by 0.99 after step 1 (step 1's gradients untouched; measured
-    1.6e-3 at step 3, 12x the bound of 1.4e-4; a 0.1% scaling gives 1.6e-4, still over it, which
-    the old fixed 2e-4 bound would have passed)."""
+    1.6e-3 at step 3, 12x the bound of 1.4e-4)."""
     family, method = DEFECT_CELL
     base = _grads(_cell(layout_runs, family, method, "tp1"))
     defective = _grads(_cell(layout_runs, family, method, "tp2", "moment_defect"))
