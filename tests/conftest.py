@@ -75,7 +75,7 @@ FP64_LAYOUTS = ("tp1", "tp2", "pp2", "dp2")
 FP64_EXTENDED_CELLS = [("qwen3", "rmt"), ("olmo2", "rmt"), ("olmo2", "grpo")]
 
 #: Methods whose fp32 gradients after step 3 are compared against a rounding floor: the same
-#: cell at TP1 from weights one ulp away (megatron_midtrain.testing.runs.train_and_capture_nudged),
+#: cell at TP1 from weights one ulp away (the capture_nudged job of megatron_midtrain.testing.runs),
 #: run in the tp1 worlds. Their cancelling RL gradients, stepped by Adam, carry step 1's fp32
 #: rounding to ~1e-5 by step 3 at any layout, TP1 against itself included (tests/test_grad_parity.py).
 ROUNDING_CONTROL_METHODS = ("grpo", "rmt")

@@ -28,11 +28,12 @@ class InjectNonFinite(Callback):
 
 
 class CaptureGradients(Callback):
-    """Gathers every parameter's full gradient right after the given steps
-    (:func:`megatron_midtrain.testing.grads.full_gradients`); ``captured[step]`` holds them."""
+    """Gathers every parameter's full gradient (with ``params``: its value) right after the given
+    steps (:func:`megatron_midtrain.testing.grads.full_gradients`); ``captured[step]`` holds them."""
 
-    def __init__(self, steps):
+    def __init__(self, steps, params: bool = False):
         self.steps = set(steps)
+        self.params = params
         self.captured = {}
 
     def on_step_end(self, trainer, record: dict) -> None:
@@ -40,7 +41,7 @@ class CaptureGradients(Callback):
 
         if record["step"] in self.steps:
             # After the step the buffers still hold its (reduced, clipped) gradients.
-            self.captured[record["step"]] = full_gradients([trainer.model])
+            self.captured[record["step"]] = full_gradients([trainer.model], params=self.params)
 
 
 class NudgeWeights(Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 #: Small, fast settings for tests: 1024-token global batch (8 x 128), no periodic eval.
@@ -151,21 +152,11 @@ def train_and_capture_fp64(overrides: list[str], capture_steps=(1, 3), grads_fil
         return train_and_capture(overrides, capture_steps, grads_file, keep_distributed)
 
 
-def train_and_capture_nudged(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
-                             keep_distributed: bool = False) -> dict:
-    """:func:`train_and_capture` from weights one ulp away (the rounding control of the parity tests)."""
-    return train_and_capture(overrides, capture_steps, grads_file, keep_distributed, nudge_weights=True)
-
-
-def train_and_capture_moment_defect(overrides: list[str], capture_steps=(1, 3), grads_file: str | None = None,
-                                    keep_distributed: bool = False) -> dict:
-    """:func:`train_and_capture` with a 1% optimizer-state defect on TP rank 1 after step 1."""
-    return train_and_capture(overrides, capture_steps, grads_file, keep_distributed, moment_defect=True)
-
-
+#: capture_nudged: the parity tests' rounding control; capture_moment_defect: a defect they must see.
 JOBS = {"train": train_and_report, "save_initial": save_initial_checkpoint, "capture": train_and_capture,
-        "capture_fp64": train_and_capture_fp64, "capture_nudged": train_and_capture_nudged,
-        "capture_moment_defect": train_and_capture_moment_defect}
+        "capture_fp64": train_and_capture_fp64,
+        "capture_nudged": functools.partial(train_and_capture, nudge_weights=True),
+        "capture_moment_defect": functools.partial(train_and_capture, moment_defect=True)}
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]]) -> list:

@@ -38,23 +38,14 @@ def capture_run(overrides: list[str], out: str, nudge: bool) -> dict:
     and the full parameters after step 1 to ``out``."""
     import torch
 
-    from megatron_midtrain.callbacks.base import Callback
     from megatron_midtrain.testing.callbacks import CaptureGradients, NudgeWeights
-    from megatron_midtrain.testing.grads import full_gradients
     from megatron_midtrain.testing.runs import train_and_report
 
-    class ParamsAfterStep1(Callback):
-        params = None
-
-        def on_step_end(self, trainer, record):
-            if record["step"] == 1:
-                self.params = full_gradients([trainer.model], params=True)
-
-    grads, params = CaptureGradients((1, 3)), ParamsAfterStep1()
+    grads, params = CaptureGradients((1, 3)), CaptureGradients((1,), params=True)
     result = train_and_report(overrides, callbacks=([NudgeWeights()] if nudge else []) + [grads, params],
                               fixed_rollouts=True)
     if result:
-        torch.save({"grads": grads.captured, "params": params.params}, out)
+        torch.save({"grads": grads.captured, "params": params.captured[1]}, out)
     return {}
 
 
@@ -73,8 +64,10 @@ def run_variant(name: str, overrides: list[str], world: int, workdir: str, nudge
         run_distributed(capture_run, world, overrides + [f"run.dir={os.path.join(workdir, name)}"], out, nudge,
                         timeout_s=3600)
     finally:
-        if kernels:
-            os.environ.pop("ATEN_CPU_CAPABILITY") if saved is None else os.environ.update(ATEN_CPU_CAPABILITY=saved)
+        if kernels and saved is None:
+            del os.environ["ATEN_CPU_CAPABILITY"]
+        elif kernels:
+            os.environ["ATEN_CPU_CAPABILITY"] = saved
     return torch.load(out, weights_only=False)
 
 
